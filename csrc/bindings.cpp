@@ -1,0 +1,28 @@
+// The extension module fer_kernels._C: plain functions per device, called by the backends in
+// fer_kernels/_backends.py. The torch.library custom ops (autograd, fake tensors, torch.compile) are
+// defined in Python on top of these, so one op can choose between this module and Triton at run time.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace fk = fer_kernels;
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("mish_forward_cpu", &fk::mish_forward_cpu, nogil, py::arg("x"));
+  m.def("mish_backward_cpu", &fk::mish_backward_cpu, nogil, py::arg("grad"), py::arg("x"));
+  m.def("recalibrate_forward_cpu", &fk::recalibrate_forward_cpu, nogil, py::arg("x"), py::arg("gate"),
+        py::arg("identity"), py::arg("act"));
+  m.def("recalibrate_backward_cpu", &fk::recalibrate_backward_cpu, nogil, py::arg("grad"), py::arg("x"),
+        py::arg("gate"), py::arg("identity"), py::arg("act"));
+#ifdef FER_KERNELS_WITH_CUDA
+  m.def("mish_forward_cuda", &fk::mish_forward_cuda, nogil, py::arg("x"));
+  m.def("mish_backward_cuda", &fk::mish_backward_cuda, nogil, py::arg("grad"), py::arg("x"));
+  m.def("recalibrate_forward_cuda", &fk::recalibrate_forward_cuda, nogil, py::arg("x"), py::arg("gate"),
+        py::arg("identity"), py::arg("act"));
+  m.def("recalibrate_backward_cuda", &fk::recalibrate_backward_cuda, nogil, py::arg("grad"), py::arg("x"),
+        py::arg("gate"), py::arg("identity"), py::arg("act"));
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,182 @@
+// The block tail out = act(x * g + identity) on the CPU: the C++ twin of csrc/cuda/recalibrate.cu, using
+// the same math (csrc/recalibrate.h). NCHW and channels-last are both walked in memory order.
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "../ops.h"
+#include "../recalibrate.h"
+#include "cpu_common.h"
+
+namespace fer_kernels {
+namespace {
+
+// ---- inner loops (vectorised per CPU by FK_CPU_CLONES) ----
+
+// One contiguous run of a single (n, c) plane (NCHW): the gate is a scalar.
+template <Act A, typename scalar_t, typename T>
+FK_CPU_CLONES void tail_forward_run(const scalar_t* x, const scalar_t* id, scalar_t* out, T g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(act_forward<A>(static_cast<T>(x[i]) * g + static_cast<T>(id[i])));
+  }
+}
+
+// One contiguous row of C channels (channels-last): the gate is a vector over c.
+template <Act A, typename scalar_t, typename T>
+FK_CPU_CLONES void tail_forward_row(const scalar_t* x, const scalar_t* id, scalar_t* out, const T* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(act_forward<A>(static_cast<T>(x[i]) * g[i] + static_cast<T>(id[i])));
+  }
+}
+
+// Backward over a run of one plane; returns sum(dz * x) over the run.
+template <Act A, typename scalar_t, typename T>
+FK_CPU_CLONES T tail_backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* id, scalar_t* dx,
+                                  scalar_t* did, T g, int64_t n) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    T xv = static_cast<T>(x[i]);
+    T dz = act_backward<A>(static_cast<T>(dy[i]), xv * g + static_cast<T>(id[i]));
+    dx[i] = static_cast<scalar_t>(dz * g);
+    did[i] = static_cast<scalar_t>(dz);
+    acc += dz * xv;
+  }
+  return acc;
+}
+
+// Backward over one channels-last row; accumulates dz * x into acc[c].
+template <Act A, typename scalar_t, typename T>
+FK_CPU_CLONES void tail_backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* id, scalar_t* dx,
+                                     scalar_t* did, const T* g, T* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    T xv = static_cast<T>(x[i]);
+    T dz = act_backward<A>(static_cast<T>(dy[i]), xv * g[i] + static_cast<T>(id[i]));
+    dx[i] = static_cast<scalar_t>(dz * g[i]);
+    did[i] = static_cast<scalar_t>(dz);
+    acc[i] += dz * xv;
+  }
+}
+
+// ---- drivers ----
+
+template <Act A, typename scalar_t>
+void tail_forward(const TailShape& s, const scalar_t* x, const scalar_t* id, scalar_t* out,
+                  const typename MathType<scalar_t>::type* gate) {
+  using T = typename MathType<scalar_t>::type;
+  const int64_t numel = s.N * s.C * s.HW;
+  if (!s.channels_last) {
+    // Flat ranges of the NCHW buffer, cut at plane boundaries so each piece has one gate value.
+    at::parallel_for(0, numel, cpu::GRAIN, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end;) {
+        const int64_t plane = i / s.HW;
+        const int64_t stop = std::min(end, (plane + 1) * s.HW);
+        tail_forward_run<A>(x + i, id + i, out + i, gate ? gate[plane] : T(1), stop - i);
+        i = stop;
+      }
+    });
+  } else {
+    std::vector<T> ones(gate ? 0 : s.C, T(1));
+    const int64_t rows = s.N * s.HW;
+    at::parallel_for(0, rows, std::max<int64_t>(1, cpu::GRAIN / s.C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* g = gate ? gate + (r / s.HW) * s.C : ones.data();
+        const int64_t o = r * s.C;
+        tail_forward_row<A>(x + o, id + o, out + o, g, s.C);
+      }
+    });
+  }
+}
+
+// dg goes to `partial`, shaped N*C x S (NCHW) or N x S x C (channels-last), summed over S by the caller.
+// S depends on the shape only, so the result does not depend on the number of threads.
+template <Act A, typename scalar_t>
+void tail_backward(const TailShape& s, const scalar_t* dy, const scalar_t* x, const scalar_t* id, scalar_t* dx,
+                   scalar_t* did, const typename MathType<scalar_t>::type* gate,
+                   typename MathType<scalar_t>::type* partial, int64_t splits) {
+  using T = typename MathType<scalar_t>::type;
+  if (!s.channels_last) {
+    const int64_t planes = s.N * s.C;
+    const int64_t chunk = cpu::ceil_div(s.HW, splits);
+    at::parallel_for(0, planes * splits, std::max<int64_t>(1, cpu::GRAIN / chunk), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t plane = item / splits, part = item % splits;
+        const int64_t lo = part * chunk, hi = std::min(s.HW, lo + chunk);
+        const int64_t o = plane * s.HW + lo;
+        const T g = gate ? gate[plane] : T(1);
+        partial[item] = hi > lo ? tail_backward_run<A>(dy + o, x + o, id + o, dx + o, did + o, g, hi - lo) : T(0);
+      }
+    });
+  } else {
+    std::vector<T> ones(gate ? 0 : s.C, T(1));
+    const int64_t chunk = cpu::ceil_div(s.HW, splits);
+    at::parallel_for(0, s.N * splits, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / splits, part = item % splits;
+        const T* g = gate ? gate + n * s.C : ones.data();
+        T* acc = partial + item * s.C;
+        std::fill(acc, acc + s.C, T(0));
+        for (int64_t hw = part * chunk; hw < std::min(s.HW, (part + 1) * chunk); ++hw) {
+          const int64_t o = (n * s.HW + hw) * s.C;
+          tail_backward_row<A>(dy + o, x + o, id + o, dx + o, did + o, g, acc, s.C);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                                   const at::Tensor& identity, int64_t act) {
+  const TailShape s = check_tail("recalibrate_forward_cpu", x, gate, identity);
+  TORCH_CHECK(x.device().is_cpu(), "recalibrate_forward_cpu: x must be a CPU tensor, got ", x.device());
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  const auto g = gate_in_math_type(gate, s, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recalibrate_forward_cpu", [&] {
+    using T = typename MathType<scalar_t>::type;
+    dispatch_act(act, [&](auto a) {
+      tail_forward<decltype(a)::value>(s, x.const_data_ptr<scalar_t>(), identity.const_data_ptr<scalar_t>(),
+                                       out.mutable_data_ptr<scalar_t>(), g ? g->const_data_ptr<T>() : nullptr);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                        const std::optional<at::Tensor>& gate,
+                                                                        const at::Tensor& identity, int64_t act) {
+  const TailShape s = check_tail("recalibrate_backward_cpu", x, gate, identity, &grad);
+  TORCH_CHECK(x.device().is_cpu(), "recalibrate_backward_cpu: x must be a CPU tensor, got ", x.device());
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor did = at::empty_like(x);
+  at::Tensor dgate;
+  if (x.numel() == 0) {
+    if (gate.has_value()) dgate = at::zeros_like(*gate);
+    return {dx, dgate, did};
+  }
+  // Split a plane (or an image, channels-last) into pieces of about GRAIN elements so that a few large
+  // planes still spread over all threads.
+  const int64_t per_item = s.channels_last ? s.HW * s.C : s.HW;
+  const int64_t splits = std::max<int64_t>(1, per_item / cpu::GRAIN);
+  const auto g = gate_in_math_type(gate, s, x.scalar_type());
+  const at::ScalarType acc_dtype = math_dtype(x.scalar_type());
+  at::Tensor partial = s.channels_last ? at::empty({s.N, splits, s.C}, x.options().dtype(acc_dtype))
+                                       : at::empty({s.N * s.C, splits}, x.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recalibrate_backward_cpu", [&] {
+    using T = typename MathType<scalar_t>::type;
+    dispatch_act(act, [&](auto a) {
+      tail_backward<decltype(a)::value>(s, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                        identity.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+                                        did.mutable_data_ptr<scalar_t>(), g ? g->const_data_ptr<T>() : nullptr,
+                                        partial.mutable_data_ptr<T>(), splits);
+    });
+  });
+  if (gate.has_value()) {
+    dgate = partial.sum(1).reshape(gate->sizes()).to(gate->scalar_type());
+  }
+  return {dx, dgate, did};
+}
+
+}  // namespace fer_kernels

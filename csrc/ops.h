@@ -1,0 +1,122 @@
+// Host entry points of the extension, one set per device. Inputs are validated here (TORCH_CHECK with
+// the argument's name); the Python layer in fer_kernels/ops/ has already put them in a supported layout,
+// but these functions are safe to call directly.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <type_traits>
+
+#include "recalibrate.h"
+
+#include <tuple>
+
+namespace fer_kernels {
+
+// Shape of a block-tail problem: x viewed as N x C x HW, stored either NCHW (HW innermost) or
+// channels-last (C innermost). Every tensor of one call shares the layout of x.
+struct TailShape {
+  int64_t N = 0, C = 0, HW = 0;
+  bool channels_last = false;
+};
+
+inline bool is_channels_last_dense(const at::Tensor& t) {
+  return t.dim() >= 3 && t.movedim(1, -1).is_contiguous();
+}
+
+// Checks x / gate / identity (and grad, if given) and returns the problem's shape.
+inline TailShape check_tail(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                            const at::Tensor& identity, const at::Tensor* grad = nullptr) {
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape N x C x ..., got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  TailShape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.HW = s.N * s.C == 0 ? 0 : x.numel() / (s.N * s.C);
+  s.channels_last = !x.is_contiguous() && is_channels_last_dense(x);
+  TORCH_CHECK(x.is_contiguous() || s.channels_last, op,
+              ": x must be contiguous in NCHW or channels-last order, got strides ", x.strides());
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
+                "), got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t.device());
+    bool layout_ok = s.channels_last ? is_channels_last_dense(t) : t.is_contiguous();
+    TORCH_CHECK(layout_ok, op, ": ", name, " must be stored like x (", s.channels_last ? "channels-last" : "NCHW",
+                "), got strides ", t.strides());
+  };
+  same(identity, "identity");
+  if (grad != nullptr) same(*grad, "grad");
+  if (gate.has_value()) {
+    const at::Tensor& g = *gate;
+    TORCH_CHECK(g.numel() == s.N * s.C && g.dim() >= 2 && g.size(0) == s.N && g.size(1) == s.C, op,
+                ": gate must have shape N x C (x 1 x 1) = ", s.N, " x ", s.C, ", got ", g.sizes());
+    TORCH_CHECK(at::isFloatingType(g.scalar_type()), op, ": gate must be floating point, got ", g.scalar_type());
+    TORCH_CHECK(g.device() == x.device(), op, ": gate must be on ", x.device(), ", got ", g.device());
+  }
+  return s;
+}
+
+// Two dense tensors of one shape whose elements sit at the same offsets (strides of size-1 dims ignored).
+inline bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+inline void check_elementwise(const char* op, const at::Tensor& x, const at::Tensor* grad = nullptr) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), op, ": x must be dense (no gaps or overlaps), got strides ",
+              x.strides());
+  if (grad != nullptr) {
+    TORCH_CHECK(same_dense_layout(*grad, x), op, ": grad must have the shape and strides of x ", x.sizes(), " ",
+                x.strides(), ", got ", grad->sizes(), " ", grad->strides());
+    TORCH_CHECK(grad->scalar_type() == x.scalar_type(), op, ": grad must have the dtype of x");
+    TORCH_CHECK(grad->device() == x.device(), op, ": grad must be on the device of x");
+  }
+}
+
+// Calls f with the activation as a compile-time constant (std::integral_constant<Act, ...>).
+template <typename F>
+void dispatch_act(int64_t act, F&& f) {
+  switch (static_cast<Act>(act)) {
+    case Act::Mish: return f(std::integral_constant<Act, Act::Mish>{});
+    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>{});
+    case Act::None: return f(std::integral_constant<Act, Act::None>{});
+  }
+  TORCH_CHECK(false, "recalibrate: act must be 0 (mish), 1 (relu) or 2 (none), got ", act);
+}
+
+// float16/bfloat16/float32 compute in float32, float64 in float64 (see MathType in common.h).
+inline at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The gate as a contiguous N x C tensor of the math type: N*C values, so converting costs nothing and the
+// kernels need not be instantiated for every gate dtype.
+inline std::optional<at::Tensor> gate_in_math_type(const std::optional<at::Tensor>& gate, const TailShape& s,
+                                                   at::ScalarType storage) {
+  if (!gate.has_value()) return std::nullopt;
+  return gate->reshape({s.N, s.C}).to(math_dtype(storage)).contiguous();
+}
+
+at::Tensor mish_forward_cpu(const at::Tensor& x);
+at::Tensor mish_backward_cpu(const at::Tensor& grad, const at::Tensor& x);
+at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                                   const at::Tensor& identity, int64_t act);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                        const std::optional<at::Tensor>& gate,
+                                                                        const at::Tensor& identity, int64_t act);
+
+#ifdef FER_KERNELS_WITH_CUDA
+at::Tensor mish_forward_cuda(const at::Tensor& x);
+at::Tensor mish_backward_cuda(const at::Tensor& grad, const at::Tensor& x);
+at::Tensor recalibrate_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                                    const at::Tensor& identity, int64_t act);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                         const std::optional<at::Tensor>& gate,
+                                                                         const at::Tensor& identity, int64_t act);
+#endif
+
+}  // namespace fer_kernels

@@ -1,0 +1,24 @@
+"""fer-kernels: fused kernels, layers and ResNets for facial expression recognition.
+
+    fer_kernels.mish(x)                                  fused Mish (forward and backward)
+    fer_kernels.recalibrate(x, gate, identity, act)      fused Accuracy-Booster block tail
+    fer_kernels.nn                                       Mish, AccuracyBooster, Recalibrate, replace_activations
+    fer_kernels.models                                   resnet18 / resnet50 (Mish, AB / ABP, fused or not)
+    fer_kernels.backends()                               which backend serves each op on each device
+    fer_kernels.reference                                the plain-PyTorch specification of every op
+"""
+
+from fer_kernels._backends import BackendUnavailableError, backends
+from fer_kernels.ops import mish, recalibrate
+from fer_kernels import reference  # noqa: E402  (after the ops: nothing here depends on import order)
+
+__version__ = "0.1.0"
+__all__ = ["BackendUnavailableError", "backends", "mish", "recalibrate", "reference", "nn", "models"]
+
+
+def __getattr__(name):
+    # nn and models import torch.nn machinery; load them on first use.
+    if name in ("nn", "models"):
+        import importlib
+        return importlib.import_module(f"fer_kernels.{name}")
+    raise AttributeError(f"module 'fer_kernels' has no attribute {name!r}")

@@ -1,0 +1,76 @@
+"""Drop-in layers built on the fused ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fer_kernels.ops import mish, recalibrate
+from fer_kernels.reference import ACTIVATIONS
+
+__all__ = ["Mish", "AccuracyBooster", "Recalibrate"]
+
+
+class Mish(nn.Module):
+    """Drop-in replacement for ``torch.nn.Mish`` running the fused kernel.
+
+    ``inplace`` is accepted for signature compatibility and ignored: the fused op writes a new tensor and
+    saves only its input, so an in-place update would save no activation memory.
+    """
+
+    def __init__(self, inplace: bool = False, backend: str | None = None):
+        super().__init__()
+        self.inplace = inplace
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return "" if self.backend is None else f"backend={self.backend!r}"
+
+
+class AccuracyBooster(nn.Module):
+    """The Accuracy Booster channel gate: ``sigmoid(BN(conv1x1(avgpool(x))))``, shape N x C x 1 x 1.
+
+    variant="plus" (ABP): a dense C x C 1x1 convolution without bias (C^2 weights);
+    variant="depthwise" (AB): a depthwise 1x1 convolution (``groups=C``, C weights).
+    Returns the gate; apply it as ``x * gate`` or, fused with the residual add and the activation, with
+    :class:`Recalibrate` / :func:`fer_kernels.recalibrate`. Keys: ``conv.weight`` and ``bn.*``.
+
+    The BatchNorm normalises N values per channel, so a training batch must hold at least 2 images.
+    """
+
+    def __init__(self, channels: int, variant: str = "plus"):
+        super().__init__()
+        if variant not in ("plus", "depthwise"):
+            raise ValueError(f"AccuracyBooster: variant must be 'plus' or 'depthwise', got {variant!r}")
+        self.variant = variant
+        self.conv = nn.Conv2d(channels, channels, 1, groups=1 if variant == "plus" else channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            raise ValueError("AccuracyBooster: its BatchNorm normalises N values per channel, so a training batch "
+                             "of 1 cannot be normalised; use a batch of 2 or more, or call model.eval()")
+        return torch.sigmoid(self.bn(self.conv(torch.mean(x, dim=(2, 3), keepdim=True))))
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}"
+
+
+class Recalibrate(nn.Module):
+    """The fused block tail ``act(x * gate + identity)`` as a module; ``gate=None`` gives ``act(x + identity)``."""
+
+    def __init__(self, act: str = "mish", backend: str | None = None):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"Recalibrate: act must be one of {ACTIVATIONS}, got {act!r}")
+        self.act = act
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None, identity: torch.Tensor) -> torch.Tensor:
+        return recalibrate(x, gate, identity, act=self.act, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}" + ("" if self.backend is None else f", backend={self.backend!r}")

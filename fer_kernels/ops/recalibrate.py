@@ -1,0 +1,115 @@
+"""fer_kernels.recalibrate: the fused Accuracy-Booster block tail ``act(x * gate + identity)``.
+
+Custom op, fake implementation and autograd formula. The backward saves only x, gate and identity
+(identity is usually saved anyway, as the input of the next block's first conv), recomputes
+z = x * gate + identity, and returns dx, dgate (the per-(n, c) sum over H x W) and didentity in one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fer_kernels import _backends
+from fer_kernels.ops._layout import check_float, in_format, tail_format
+from fer_kernels.reference import ACTIVATIONS
+
+ACT_CODES = _backends.ACT_CODES
+
+
+def _tail_inputs(x, identity, *others):
+    """x, identity (and grad) in one layout: x's own if it is NCHW- or channels-last-contiguous."""
+    fmt = tail_format(x)
+    return fmt, [in_format(t, fmt) for t in (x, identity) + others]
+
+
+def _spatial(x):
+    return x.numel() // max(x.shape[0] * x.shape[1], 1)
+
+
+@torch.library.custom_op("fer_kernels::recalibrate", mutates_args=())
+def _recalibrate(x: torch.Tensor, gate: Optional[torch.Tensor], identity: torch.Tensor, act: str,
+                 backend: str) -> torch.Tensor:
+    fmt, (x, identity) = _tail_inputs(x, identity)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    key = _backends.shape_key(x.numel(), _spatial(x)) + (fmt,)
+    return _backends.run("recalibrate", "recalibrate_forward", backend, x, key, x, gate, identity, ACT_CODES[act],
+                         fmt != torch.contiguous_format)
+
+
+@_recalibrate.register_fake
+def _(x, gate, identity, act, backend):
+    _, (x, _) = _tail_inputs(x, identity)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fer_kernels::recalibrate_backward", mutates_args=())
+def _recalibrate_backward(grad: torch.Tensor, x: torch.Tensor, gate: Optional[torch.Tensor], identity: torch.Tensor,
+                          act: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dgate, didentity); dgate is an empty tensor when there is no gate (ops cannot return None)."""
+    fmt, (x, identity, grad) = _tail_inputs(x, identity, grad)
+    if x.numel() == 0:
+        dgate = torch.zeros_like(gate, memory_format=torch.contiguous_format) if gate is not None else x.new_empty(0)
+        return torch.empty_like(x), dgate, torch.empty_like(x)
+    key = _backends.shape_key(x.numel(), _spatial(x)) + (fmt,)
+    dx, dgate, did = _backends.run("recalibrate", "recalibrate_backward", backend, x, key, grad, x, gate, identity,
+                                   ACT_CODES[act], fmt != torch.contiguous_format)
+    return dx, (dgate if gate is not None else x.new_empty(0)), did
+
+
+@_recalibrate_backward.register_fake
+def _(grad, x, gate, identity, act, backend):
+    _, (x, _) = _tail_inputs(x, identity)
+    dgate = gate.new_empty(gate.shape) if gate is not None else x.new_empty(0)
+    return torch.empty_like(x), dgate, torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, identity, act, backend = inputs
+    ctx.save_for_backward(x, gate, identity)
+    ctx.act, ctx.backend = act, backend
+
+
+def _backward(ctx, grad):
+    x, gate, identity = ctx.saved_tensors
+    dx, dgate, did = torch.ops.fer_kernels.recalibrate_backward(grad, x, gate, identity, ctx.act, ctx.backend)
+    return dx, (dgate if gate is not None else None), did, None, None
+
+
+_recalibrate.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recalibrate(x: torch.Tensor, gate: torch.Tensor | None, identity: torch.Tensor, act: str = "mish",
+                backend: str | None = None) -> torch.Tensor:
+    """The block tail of an Accuracy-Booster ResNet block, ``act(x * gate + identity)``, fused.
+
+    x, identity: N x C x ... (same shape and dtype; NCHW or channels-last, which the output keeps).
+    gate: N x C or N x C x 1 x 1 (any float dtype; its gradient comes back in that dtype), or None for
+    a gate of 1 (the plain residual tail ``act(x + identity)``).
+    act: "mish", "relu" or "none". Math in float32 for float16/bfloat16 storage.
+    backend: None/"auto" (see fer_kernels.backends()), or one of "cuda", "triton", "cpu", "reference".
+    """
+    op = "fer_kernels.recalibrate"
+    check_float(x, op, "x")
+    check_float(identity, op, "identity")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must have shape N x C x ..., got {tuple(x.shape)}")
+    if identity.shape != x.shape:
+        raise ValueError(f"{op}: identity must have the shape of x {tuple(x.shape)}, got {tuple(identity.shape)}")
+    if identity.dtype != x.dtype:
+        raise TypeError(f"{op}: identity must have the dtype of x ({x.dtype}), got {identity.dtype}")
+    if identity.device != x.device:
+        raise ValueError(f"{op}: identity must be on {x.device}, got {identity.device}")
+    if gate is not None:
+        check_float(gate, op, "gate")
+        n, c = x.shape[0], x.shape[1]
+        if gate.dim() < 2 or gate.shape[0] != n or gate.shape[1] != c or gate.numel() != n * c:
+            raise ValueError(f"{op}: gate must have shape N x C or N x C x 1 x 1 = ({n}, {c}, ...), "
+                             f"got {tuple(gate.shape)}")
+        if gate.device != x.device:
+            raise ValueError(f"{op}: gate must be on {x.device}, got {gate.device}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op}: act must be one of {ACTIVATIONS}, got {act!r}")
+    return torch.ops.fer_kernels.recalibrate(x, gate, identity, act, _backends.requested("recalibrate", backend))
