@@ -39,8 +39,6 @@ FK_HOST_DEVICE FK_INLINE int32_t float_to_bits(float f) {
 #endif
 }
 
-FK_HOST_DEVICE FK_INLINE bool fk_isinf(float x) { return x == std::numeric_limits<float>::infinity() || x == -std::numeric_limits<float>::infinity(); }
-FK_HOST_DEVICE FK_INLINE bool fk_isinf(double x) { return x == std::numeric_limits<double>::infinity() || x == -std::numeric_limits<double>::infinity(); }
 
 // exp(x) for float, written without a libm call so that CPU loops vectorise and the GPU runs the same
 // arithmetic. Range reduction x = k ln2 + r with |r| <= ln2/2 (ln2 split in two so k*LN2_HI is exact),

@@ -30,7 +30,7 @@ FK_HOST_DEVICE FK_INLINE T mish_derivative(T x) {
   T e = fk_exp(x < T(MISH_LINEAR_ABOVE) ? x : T(MISH_LINEAR_ABOVE));
   T n = e * (e + T(2));
   T d = n + T(2);
-  T grad = (n * d + T(4) * x * e * (T(1) + e)) / (d * d);
+  T grad = (n * d + T(4) * (x * e) * (T(1) + e)) / (d * d);  // x * e first: 4 * x overflows for x near -FLT_MAX
   // x - x is NaN exactly when x is +-inf, matching PyTorch's NaN gradient there.
   return x > T(MISH_LINEAR_ABOVE) ? T(1) + (x - x) : grad;
 }

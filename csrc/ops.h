@@ -6,11 +6,10 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <type_traits>
 
 #include "recalibrate.h"
-
-#include <tuple>
 
 namespace fer_kernels {
 

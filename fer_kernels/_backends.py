@@ -228,7 +228,8 @@ def run(op: str, stage: str, backend: str | None, x: torch.Tensor, shape_key: tu
         if reason is not None:
             raise BackendUnavailableError(reason)
         return call(_BACKENDS[name])
-    candidates = [n for n in _AUTO_ORDER.get(device_type, ("reference",)) if _BACKENDS[n].unavailable(device_type) is None]
+    order = _AUTO_ORDER.get(device_type, ("reference",))
+    candidates = [n for n in order if _BACKENDS[n].unavailable(device_type) is None]
     timed = [n for n in _TIMED.get(device_type, ()) if n in candidates]
     if len(timed) > 1 and os.environ.get(ENV_AUTOTUNE, "1") != "0" and not torch.cuda.is_current_stream_capturing():
         key = (stage, x.device.index, x.dtype) + shape_key

@@ -9,13 +9,14 @@ namespace fer_kernels {
 namespace {
 
 template <typename scalar_t>
-FK_CPU_CLONES void mish_forward_loop(const scalar_t* x, scalar_t* y, int64_t n) {
+FK_CPU_CLONES void mish_forward_loop(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n) {
   using T = typename MathType<scalar_t>::type;
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(mish_forward(static_cast<T>(x[i])));
 }
 
 template <typename scalar_t>
-FK_CPU_CLONES void mish_backward_loop(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n) {
+FK_CPU_CLONES void mish_backward_loop(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                      scalar_t* __restrict__ dx, int64_t n) {
   using T = typename MathType<scalar_t>::type;
   for (int64_t i = 0; i < n; ++i) {
     dx[i] = static_cast<scalar_t>(static_cast<T>(dy[i]) * mish_derivative(static_cast<T>(x[i])));

@@ -15,24 +15,29 @@ namespace {
 
 // One contiguous run of a single (n, c) plane (NCHW): the gate is a scalar.
 template <Act A, typename scalar_t, typename T>
-FK_CPU_CLONES void tail_forward_run(const scalar_t* x, const scalar_t* id, scalar_t* out, T g, int64_t n) {
+FK_CPU_CLONES void tail_forward_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ id,
+                                    scalar_t* __restrict__ out, T g, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     out[i] = static_cast<scalar_t>(act_forward<A>(static_cast<T>(x[i]) * g + static_cast<T>(id[i])));
   }
 }
 
-// One contiguous row of C channels (channels-last): the gate is a vector over c.
+// Consecutive channels-last rows of C channels each: the gate is a vector over c.
 template <Act A, typename scalar_t, typename T>
-FK_CPU_CLONES void tail_forward_row(const scalar_t* x, const scalar_t* id, scalar_t* out, const T* g, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(act_forward<A>(static_cast<T>(x[i]) * g[i] + static_cast<T>(id[i])));
+FK_CPU_CLONES void tail_forward_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ id,
+                                     scalar_t* __restrict__ out, const T* __restrict__ g, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r, x += C, id += C, out += C) {
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = static_cast<scalar_t>(act_forward<A>(static_cast<T>(x[c]) * g[c] + static_cast<T>(id[c])));
+    }
   }
 }
 
-// Backward over a run of one plane; returns sum(dz * x) over the run.
+// Backward over a run of one plane (at most SUM_BLOCK elements); returns sum(dz * x) over the run.
 template <Act A, typename scalar_t, typename T>
-FK_CPU_CLONES T tail_backward_run(const scalar_t* dy, const scalar_t* x, const scalar_t* id, scalar_t* dx,
-                                  scalar_t* did, T g, int64_t n) {
+FK_CPU_CLONES T tail_backward_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                  const scalar_t* __restrict__ id, scalar_t* __restrict__ dx,
+                                  scalar_t* __restrict__ did, T g, int64_t n) {
   T acc = T(0);
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) {
@@ -45,16 +50,20 @@ FK_CPU_CLONES T tail_backward_run(const scalar_t* dy, const scalar_t* x, const s
   return acc;
 }
 
-// Backward over one channels-last row; accumulates dz * x into acc[c].
+// Backward over consecutive channels-last rows; adds dz * x to acc[c] (double: see SUM_BLOCK below).
 template <Act A, typename scalar_t, typename T>
-FK_CPU_CLONES void tail_backward_row(const scalar_t* dy, const scalar_t* x, const scalar_t* id, scalar_t* dx,
-                                     scalar_t* did, const T* g, T* acc, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    T xv = static_cast<T>(x[i]);
-    T dz = act_backward<A>(static_cast<T>(dy[i]), xv * g[i] + static_cast<T>(id[i]));
-    dx[i] = static_cast<scalar_t>(dz * g[i]);
-    did[i] = static_cast<scalar_t>(dz);
-    acc[i] += dz * xv;
+FK_CPU_CLONES void tail_backward_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                      const scalar_t* __restrict__ id, scalar_t* __restrict__ dx,
+                                      scalar_t* __restrict__ did, const T* __restrict__ g, double* __restrict__ acc,
+                                      int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r, dy += C, x += C, id += C, dx += C, did += C) {
+    for (int64_t c = 0; c < C; ++c) {
+      T xv = static_cast<T>(x[c]);
+      T dz = act_backward<A>(static_cast<T>(dy[c]), xv * g[c] + static_cast<T>(id[c]));
+      dx[c] = static_cast<scalar_t>(dz * g[c]);
+      did[c] = static_cast<scalar_t>(dz);
+      acc[c] += static_cast<double>(dz * xv);
+    }
   }
 }
 
@@ -77,49 +86,58 @@ void tail_forward(const TailShape& s, const scalar_t* x, const scalar_t* id, sca
     });
   } else {
     std::vector<T> ones(gate ? 0 : s.C, T(1));
-    const int64_t rows = s.N * s.HW;
-    at::parallel_for(0, rows, std::max<int64_t>(1, cpu::GRAIN / s.C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* g = gate ? gate + (r / s.HW) * s.C : ones.data();
+    // Rows of one image share a gate vector: cut the row range at image boundaries.
+    at::parallel_for(0, s.N * s.HW, std::max<int64_t>(1, cpu::GRAIN / s.C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end;) {
+        const int64_t n = r / s.HW;
+        const int64_t stop = std::min(end, (n + 1) * s.HW);
         const int64_t o = r * s.C;
-        tail_forward_row<A>(x + o, id + o, out + o, g, s.C);
+        tail_forward_rows<A>(x + o, id + o, out + o, gate ? gate + n * s.C : ones.data(), stop - r, s.C);
+        r = stop;
       }
     });
   }
 }
 
-// dg goes to `partial`, shaped N*C x S (NCHW) or N x S x C (channels-last), summed over S by the caller.
-// S depends on the shape only, so the result does not depend on the number of threads.
+// The per-(n, c) sums are kept as accurate as PyTorch's own cascade sum: NCHW sums blocks of SUM_BLOCK
+// terms in the math type (one per vector lane) and adds the block totals in double; channels-last, whose
+// sums run down columns, adds every term in double (a vector convert-and-add per row, next to an exp).
+constexpr int64_t SUM_BLOCK = 256;
+
+// dg goes to `partial` (double), shaped N*C x S (NCHW) or N x S x C (channels-last), summed over S by
+// the caller. S depends on the shape only, so the result does not depend on the number of threads.
 template <Act A, typename scalar_t>
 void tail_backward(const TailShape& s, const scalar_t* dy, const scalar_t* x, const scalar_t* id, scalar_t* dx,
-                   scalar_t* did, const typename MathType<scalar_t>::type* gate,
-                   typename MathType<scalar_t>::type* partial, int64_t splits) {
+                   scalar_t* did, const typename MathType<scalar_t>::type* gate, double* partial, int64_t splits) {
   using T = typename MathType<scalar_t>::type;
+  const int64_t chunk = cpu::ceil_div(s.HW, splits);
   if (!s.channels_last) {
     const int64_t planes = s.N * s.C;
-    const int64_t chunk = cpu::ceil_div(s.HW, splits);
     at::parallel_for(0, planes * splits, std::max<int64_t>(1, cpu::GRAIN / chunk), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t plane = item / splits, part = item % splits;
-        const int64_t lo = part * chunk, hi = std::min(s.HW, lo + chunk);
-        const int64_t o = plane * s.HW + lo;
+        const int64_t hi = std::min(s.HW, (part + 1) * chunk);
         const T g = gate ? gate[plane] : T(1);
-        partial[item] = hi > lo ? tail_backward_run<A>(dy + o, x + o, id + o, dx + o, did + o, g, hi - lo) : T(0);
+        double total = 0.0;
+        for (int64_t lo = part * chunk; lo < hi; lo += SUM_BLOCK) {
+          const int64_t o = plane * s.HW + lo;
+          total += tail_backward_run<A>(dy + o, x + o, id + o, dx + o, did + o, g, std::min(SUM_BLOCK, hi - lo));
+        }
+        partial[item] = total;
       }
     });
   } else {
     std::vector<T> ones(gate ? 0 : s.C, T(1));
-    const int64_t chunk = cpu::ceil_div(s.HW, splits);
     at::parallel_for(0, s.N * splits, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / splits, part = item % splits;
-        const T* g = gate ? gate + n * s.C : ones.data();
-        T* acc = partial + item * s.C;
-        std::fill(acc, acc + s.C, T(0));
-        for (int64_t hw = part * chunk; hw < std::min(s.HW, (part + 1) * chunk); ++hw) {
-          const int64_t o = (n * s.HW + hw) * s.C;
-          tail_backward_row<A>(dy + o, x + o, id + o, dx + o, did + o, g, acc, s.C);
-        }
+        const int64_t lo = part * chunk, hi = std::min(s.HW, lo + chunk);
+        double* total = partial + item * s.C;
+        std::fill(total, total + s.C, 0.0);
+        if (hi <= lo) continue;
+        const int64_t o = (n * s.HW + lo) * s.C;
+        tail_backward_rows<A>(dy + o, x + o, id + o, dx + o, did + o, gate ? gate + n * s.C : ones.data(), total,
+                              hi - lo, s.C);
       }
     });
   }
@@ -161,16 +179,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cpu(const at
   const int64_t per_item = s.channels_last ? s.HW * s.C : s.HW;
   const int64_t splits = std::max<int64_t>(1, per_item / cpu::GRAIN);
   const auto g = gate_in_math_type(gate, s, x.scalar_type());
-  const at::ScalarType acc_dtype = math_dtype(x.scalar_type());
-  at::Tensor partial = s.channels_last ? at::empty({s.N, splits, s.C}, x.options().dtype(acc_dtype))
-                                       : at::empty({s.N * s.C, splits}, x.options().dtype(acc_dtype));
+  at::Tensor partial = s.channels_last ? at::empty({s.N, splits, s.C}, x.options().dtype(at::kDouble))
+                                       : at::empty({s.N * s.C, splits}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "recalibrate_backward_cpu", [&] {
     using T = typename MathType<scalar_t>::type;
     dispatch_act(act, [&](auto a) {
       tail_backward<decltype(a)::value>(s, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                         identity.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
                                         did.mutable_data_ptr<scalar_t>(), g ? g->const_data_ptr<T>() : nullptr,
-                                        partial.mutable_data_ptr<T>(), splits);
+                                        partial.mutable_data_ptr<double>(), splits);
     });
   });
   if (gate.has_value()) {

@@ -1,7 +1,9 @@
 // The block tail out = act(x * g + identity) on CUDA: the GPU twin of csrc/cpu/recalibrate.cpp, using the
 // same math (csrc/recalibrate.h). NCHW and channels-last are both read in memory order with 16-byte
 // packs where the row length allows; the backward's per-(n, c) sum is reduced on chip, deterministically
-// (fixed split, fixed reduction order, no atomics), and finished by one small sum over the splits.
+// (fixed split, fixed reduction order, no atomics), and finished by one small sum over the splits. Sums
+// accumulate in double (one add per pack in NCHW, per element in channels-last): float sums over a
+// 112 x 112 plane would otherwise lose several digits against PyTorch's cascade sum.
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
@@ -65,7 +67,7 @@ template <Act A, int VEC, typename scalar_t, typename T>
 __global__ void __launch_bounds__(THREADS)
     tail_backward_nchw_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                               const scalar_t* __restrict__ id, scalar_t* __restrict__ dx, scalar_t* __restrict__ did,
-                              const T* __restrict__ gate, T* __restrict__ partial, int64_t planes, int64_t HW,
+                              const T* __restrict__ gate, double* __restrict__ partial, int64_t planes, int64_t HW,
                               int64_t splits, int64_t chunk) {
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -75,8 +77,9 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t hi = std::min(HW, lo + chunk);
   const T g = gate == nullptr ? T(1) : gate[plane];
   const int64_t off = plane * HW;
-  T acc = T(0);
+  double acc = 0.0;
   for (int64_t j = lo + lane * VEC; j < hi; j += 32 * VEC) {
+    T pack_sum = T(0);
     if (j + VEC <= hi) {
       const auto dyv = cuda::load_pack<VEC>(dy + off + j);
       const auto xv = cuda::load_pack<VEC>(x + off + j);
@@ -88,7 +91,7 @@ __global__ void __launch_bounds__(THREADS)
         const T dz = act_backward<A>(static_cast<T>(dyv.v[k]), xk * g + static_cast<T>(idv.v[k]));
         dxv.v[k] = static_cast<scalar_t>(dz * g);
         didv.v[k] = static_cast<scalar_t>(dz);
-        acc += dz * xk;
+        pack_sum += dz * xk;
       }
       cuda::store_pack<VEC>(dx + off + j, dxv);
       cuda::store_pack<VEC>(did + off + j, didv);
@@ -98,9 +101,10 @@ __global__ void __launch_bounds__(THREADS)
         const T dz = act_backward<A>(static_cast<T>(dy[e]), xk * g + static_cast<T>(id[e]));
         dx[e] = static_cast<scalar_t>(dz * g);
         did[e] = static_cast<scalar_t>(dz);
-        acc += dz * xk;
+        pack_sum += dz * xk;
       }
     }
+    acc += static_cast<double>(pack_sum);
   }
   acc = cuda::warp_sum(acc);
   if (lane == 0) partial[item] = acc;
@@ -112,9 +116,9 @@ template <Act A, int VEC, typename scalar_t, typename T>
 __global__ void __launch_bounds__(THREADS)
     tail_backward_nhwc_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                               const scalar_t* __restrict__ id, scalar_t* __restrict__ dx, scalar_t* __restrict__ did,
-                              const T* __restrict__ gate, T* __restrict__ partial, int64_t HW, int64_t C,
+                              const T* __restrict__ gate, double* __restrict__ partial, int64_t HW, int64_t C,
                               int64_t splits, int64_t rows_per_split, int TX) {
-  __shared__ T smem[THREADS * VEC];
+  __shared__ double smem[THREADS * VEC];
   const int TY = THREADS / TX;
   const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
   const int64_t c_tiles = cuda::ceil_div(C, static_cast<int64_t>(TX) * VEC);
@@ -123,11 +127,12 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t n = blockIdx.x / (splits * c_tiles);
   const int64_t c0 = (ct * TX + tx) * VEC;
   const bool active = c0 < C;
-  T g[VEC], acc[VEC];
+  T g[VEC];
+  double acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     g[k] = (gate == nullptr || !active) ? T(1) : gate[n * C + c0 + k];
-    acc[k] = T(0);
+    acc[k] = 0.0;
   }
   const int64_t r_lo = part * rows_per_split;
   const int64_t r_hi = std::min(HW, r_lo + rows_per_split);
@@ -144,7 +149,7 @@ __global__ void __launch_bounds__(THREADS)
         const T dz = act_backward<A>(static_cast<T>(dyv.v[k]), xk * g[k] + static_cast<T>(idv.v[k]));
         dxv.v[k] = static_cast<scalar_t>(dz * g[k]);
         didv.v[k] = static_cast<scalar_t>(dz);
-        acc[k] += dz * xk;
+        acc[k] += static_cast<double>(dz * xk);
       }
       cuda::store_pack<VEC>(dx + o, dxv);
       cuda::store_pack<VEC>(did + o, didv);
@@ -156,7 +161,7 @@ __global__ void __launch_bounds__(THREADS)
   if (ty == 0 && active) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      T s = T(0);
+      double s = 0.0;
       for (int t = 0; t < TY; ++t) s += smem[t * TX * VEC + tx * VEC + k];
       partial[(n * splits + part) * C + c0 + k] = s;
     }
@@ -221,7 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cuda(const a
     return {dx, dgate, did};
   }
   const auto g = gate_in_math_type(gate, s, x.scalar_type());
-  const at::ScalarType acc_dtype = math_dtype(x.scalar_type());
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t sms = cuda::sm_count();
   at::Tensor partial;
@@ -246,9 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cuda(const a
         int64_t splits = std::clamp<int64_t>(cuda::ceil_div(sms * 64, planes), 1, max_splits);
         const int64_t chunk = cuda::ceil_div(cuda::ceil_div(s.HW, splits), v) * v;
         splits = cuda::ceil_div(s.HW, chunk);
-        partial = at::empty({planes, splits}, x.options().dtype(acc_dtype));
+        partial = at::empty({planes, splits}, x.options().dtype(at::kDouble));
         const int64_t blocks = cuda::ceil_div(planes * splits, THREADS / 32);
-        T* pp = partial.mutable_data_ptr<T>();
+        double* pp = partial.mutable_data_ptr<double>();
         if (packed) {
           tail_backward_nchw_kernel<A, VEC><<<blocks, THREADS, 0, stream>>>(dyp, xp, ip, dxp, dip, gp, pp, planes,
                                                                              s.HW, splits, chunk);
@@ -268,10 +272,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cuda(const a
           int64_t splits = std::clamp<int64_t>(cuda::ceil_div(sms * 8, s.N * c_tiles), 1, max_splits);
           const int64_t rows = cuda::ceil_div(s.HW, splits);
           splits = cuda::ceil_div(s.HW, rows);
-          partial = at::empty({s.N, splits, s.C}, x.options().dtype(acc_dtype));
+          partial = at::empty({s.N, splits, s.C}, x.options().dtype(at::kDouble));
           const int64_t blocks = s.N * c_tiles * splits;
           tail_backward_nhwc_kernel<A, V><<<blocks, THREADS, 0, stream>>>(
-              dyp, xp, ip, dxp, dip, gp, partial.mutable_data_ptr<T>(), s.HW, s.C, splits, rows, TX);
+              dyp, xp, ip, dxp, dip, gp, partial.mutable_data_ptr<double>(), s.HW, s.C, splits, rows, TX);
         };
         packed ? launch(std::integral_constant<int, VEC>{}) : launch(std::integral_constant<int, 1>{});
       }

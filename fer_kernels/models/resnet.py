@@ -161,13 +161,17 @@ def load_torchvision_weights(model: ResNet, weights) -> list[str]:
                         f"enum, got {type(weights).__name__}")
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not (k.startswith("fc.") and k in own and v.shape != own[k].shape)}
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    lacking = [k for k in own if k not in state and ".booster." not in k and not k.startswith("fc.")]
+    for problem, keys in (("have keys this model lacks", unexpected), ("have other shapes", mismatched),
+                          ("lack keys", lacking)):
+        if keys:
+            raise ValueError(f"load_torchvision_weights: the weights {problem}: {', '.join(keys[:4])}"
+                             f"{' ...' if len(keys) > 4 else ''} (a resnet18 model needs resnet18 weights, a "
+                             "resnet50 model resnet50 weights)")
     result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"load_torchvision_weights: keys not in this model: {result.unexpected_keys[:5]}... "
-                         "(is it the right depth, resnet18 vs resnet50?)")
-    not_gate = [k for k in result.missing_keys if ".booster." not in k and not k.startswith("fc.")]
-    if not_gate:
-        raise ValueError(f"load_torchvision_weights: weights lack {not_gate[:5]}... (is it the right depth?)")
     return list(result.missing_keys)
 
 

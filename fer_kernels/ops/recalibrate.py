@@ -1,8 +1,10 @@
 """fer_kernels.recalibrate: the fused Accuracy-Booster block tail ``act(x * gate + identity)``.
 
-Custom op, fake implementation and autograd formula. The backward saves only x, gate and identity
-(identity is usually saved anyway, as the input of the next block's first conv), recomputes
-z = x * gate + identity, and returns dx, dgate (the per-(n, c) sum over H x W) and didentity in one pass.
+Custom op, fake implementation and autograd formula. The backward saves only x, gate and identity and
+recomputes z = x * gate + identity, instead of keeping z or x * gate: in a ResNet block x is the last
+BatchNorm's output and identity the block's input, which its first convolution saves anyway (only in
+the four downsampling blocks is identity a tensor of its own). It returns dx, dgate (the per-(n, c) sum
+over H x W) and didentity in one pass.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def mish_derivative(x):
     e = tl.exp(tl.where(x < 20.0, x, 20.0))
     n = e * (e + 2.0)
     d = n + 2.0
-    grad = (n * d + 4.0 * x * e * (1.0 + e)) / (d * d)
+    grad = (n * d + 4.0 * (x * e) * (1.0 + e)) / (d * d)  # x * e first: 4 * x overflows near -FLT_MAX
     # x - x is NaN exactly at +-inf, where PyTorch's gradient is NaN too
     return tl.where(x > 20.0, 1.0 + (x - x), grad)
 

@@ -71,10 +71,7 @@ def _backward_nchw_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
     p_mask = p < planes
     if HAS_GATE:
         g = _load_math(g_ptr, p, p_mask, COMPUTE_F64)[:, None]
-    if COMPUTE_F64:
-        acc = tl.zeros((BLOCK_P, BLOCK_HW), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_P, BLOCK_HW), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_HW), dtype=tl.float64)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, HW)
     for start in range(lo, hi, BLOCK_HW):
@@ -91,7 +88,7 @@ def _backward_nchw_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
             dz = act_backward(dy, x + idv, ACT)
             tl.store(dx_ptr + offs, dz.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(did_ptr + offs, dz.to(did_ptr.dtype.element_ty), mask=mask)
-        acc += tl.where(mask, dz * x, 0.0)
+        acc += tl.where(mask, dz * x, 0.0).to(tl.float64)
     tl.store(partial_ptr + p * splits + split, tl.sum(acc, axis=1), mask=p_mask)
 
 
@@ -107,10 +104,7 @@ def _backward_nhwc_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
     c_mask = c < C
     if HAS_GATE:
         g = _load_math(g_ptr, n * C + c, c_mask, COMPUTE_F64)[None, :]
-    if COMPUTE_F64:
-        acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float64)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, HW)
     for start in range(lo, hi, BLOCK_HW):
@@ -127,7 +121,7 @@ def _backward_nhwc_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
             dz = act_backward(dy, x + idv, ACT)
             tl.store(dx_ptr + offs, dz.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(did_ptr + offs, dz.to(did_ptr.dtype.element_ty), mask=mask)
-        acc += tl.where(mask, dz * x, 0.0)
+        acc += tl.where(mask, dz * x, 0.0).to(tl.float64)
     tl.store(partial_ptr + (n * splits + split) * C + c, tl.sum(acc, axis=0), mask=c_mask)
 
 
@@ -205,7 +199,7 @@ def recalibrate_backward_triton(grad, x, gate, identity, act: int, channels_last
         block_p, block_hw = _tiles_nchw(N * C, HW)
         p_blocks = triton.cdiv(N * C, block_p)
         splits, chunk = _splits(p_blocks, HW, block_hw, target)
-        partial = torch.empty(N * C, splits, device=x.device, dtype=_math_dtype(x.dtype))
+        partial = torch.empty(N * C, splits, device=x.device, dtype=torch.float64)
         _backward_nchw_kernel[(p_blocks, splits)](grad, x, g, identity, dx, did, partial, N * C, HW, splits, chunk,
                                                   HAS_GATE=has_gate, ACT=act, COMPUTE_F64=f64, BLOCK_P=block_p,
                                                   BLOCK_HW=block_hw, num_warps=NUM_WARPS)
@@ -213,7 +207,7 @@ def recalibrate_backward_triton(grad, x, gate, identity, act: int, channels_last
         block_hw, block_c = _tiles_nhwc(HW, C)
         programs = N * triton.cdiv(C, block_c)
         splits, chunk = _splits(programs, HW, block_hw, target)
-        partial = torch.empty(N, splits, C, device=x.device, dtype=_math_dtype(x.dtype))
+        partial = torch.empty(N, splits, C, device=x.device, dtype=torch.float64)
         _backward_nhwc_kernel[(programs, splits)](grad, x, g, identity, dx, did, partial, HW, C, splits, chunk,
                                                   HAS_GATE=has_gate, ACT=act, COMPUTE_F64=f64, BLOCK_HW=block_hw,
                                                   BLOCK_C=block_c, num_warps=NUM_WARPS)

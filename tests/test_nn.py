@@ -1,0 +1,85 @@
+"""fer_kernels.nn: the drop-in Mish, the Accuracy Booster gate, the block-tail module, model conversion."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fer_kernels
+from fer_kernels.nn import AccuracyBooster, Mish, Recalibrate, replace_activations
+
+
+def test_mish_is_a_drop_in_for_torch_mish():
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    ours, theirs = Mish(), nn.Mish()
+    y = ours(x)
+    y.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    theirs(x).sum().backward()
+    torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-6)
+    assert Mish(inplace=True)(x.detach()).data_ptr() != x.data_ptr()  # accepted, computed out of place
+
+
+@pytest.mark.parametrize("variant,weights", [("plus", 64 * 64), ("depthwise", 64)])
+def test_accuracy_booster(variant, weights):
+    booster = AccuracyBooster(64, variant)
+    assert booster.conv.weight.numel() == weights and booster.conv.bias is None
+    assert sum(p.numel() for p in booster.bn.parameters()) == 2 * 64
+    x = torch.randn(3, 64, 7, 7)
+    gate = booster(x)
+    pooled = x.mean((2, 3), keepdim=True)
+    expected = torch.sigmoid(booster.bn(booster.conv(pooled)))
+    assert gate.shape == (3, 64, 1, 1)
+    torch.testing.assert_close(gate, expected)
+
+
+def test_accuracy_booster_rejects_a_training_batch_of_one():
+    booster = AccuracyBooster(8)
+    with pytest.raises(ValueError, match="a training batch of 1 cannot be normalised"):
+        booster(torch.randn(1, 8, 4, 4))
+    booster.eval()
+    assert booster(torch.randn(1, 8, 4, 4)).shape == (1, 8, 1, 1)
+    with pytest.raises(ValueError, match="variant must be"):
+        AccuracyBooster(8, "dense")
+
+
+def test_recalibrate_module():
+    x, identity = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    gate = torch.rand(2, 4, 1, 1)
+    for act in ("mish", "relu", "none"):
+        torch.testing.assert_close(Recalibrate(act)(x, gate, identity),
+                                   fer_kernels.reference.recalibrate(x, gate, identity, act), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="act must be one of"):
+        Recalibrate("gelu")
+
+
+def test_replace_activations_on_torchvision_resnet18():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=8)
+    expected = torchvision.models.resnet18(num_classes=8)
+    expected.load_state_dict(model.state_dict())
+    for module in expected.modules():  # the same conversion by hand, with PyTorch's own Mish
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.Mish())
+
+    assert replace_activations(model) is model
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert sum(isinstance(m, Mish) for m in model.modules()) == 9  # the stem's and one per block, shared
+
+    x = torch.randn(4, 3, 64, 64)
+    y, y_expected = model(x), expected(x)
+    torch.testing.assert_close(y, y_expected, rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    y_expected.sum().backward()
+    torch.testing.assert_close(model.conv1.weight.grad, expected.conv1.weight.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_replace_activations_options():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.ReLU())
+    replace_activations(model, activations=(nn.GELU,), backend="reference")
+    assert isinstance(model[1], Mish) and model[1].backend == "reference" and isinstance(model[2], nn.ReLU)
+    with pytest.warns(UserWarning, match="no SiLU module"):
+        replace_activations(nn.Sequential(nn.Linear(2, 2)), activations=(nn.SiLU,))
