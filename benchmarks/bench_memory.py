@@ -1,0 +1,108 @@
+"""Memory of one ResNet-50 + Mish + ABP training step (forward, cross-entropy, backward), fused against
+unfused: fer_kernels.models.resnet50(fused=True | False), the same model with the same weights.
+
+    python benchmarks/bench_memory.py [--device cpu|cuda] [--quick] [--dtypes float32,bfloat16]
+
+For each model: the bytes of the tensors saved for backward (saved_tensors_hooks; each storage counted once,
+however many views of it are saved; parameter storages left out, they exist anyway), the median time of a
+step, and on cuda the peak of torch.cuda.max_memory_allocated during the step above what was allocated
+before it (parameters, buffers, the batch), i.e. activations, gradients and workspaces.
+cuda: batch 64, float32 and bfloat16 autocast; cpu: batch 8, float32, 2 threads; 224 x 224 images.
+
+Writes benchmarks/results/<device>-memory.json.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from fer_kernels.models import resnet50
+
+import common
+
+BATCH = {"cuda": 64, "cpu": 8}
+IMAGE = 224
+QUICK_BATCH, QUICK_IMAGE = 2, 64  # batch 2: the gate's BatchNorm needs two images per channel
+
+
+def train_step(model, images, labels, autocast_dtype):
+    precision = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with precision:
+        loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+
+
+def saved_bytes(step, model) -> int:
+    """Bytes of the distinct storages that autograd saves for backward during step()."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        # Saved tensors stay alive until backward, so no address is reused while the forward runs.
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
+def measure(fused, device, batch, image, autocast_dtype, timer) -> dict:
+    torch.manual_seed(0)  # the same weights for both models: the same modules draw the same numbers
+    model = resnet50(num_classes=8, act="mish", booster="plus", fused=fused).to(device).train()
+    images = torch.randn(batch, 3, image, image, device=device)
+    labels = torch.randint(0, 8, (batch,), device=device)
+    params = list(model.parameters())
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        train_step(model, images, labels, autocast_dtype)
+
+    step()  # warm-up: on cuda the fused ops time their backends on the first input of each size
+    result = {"saved_for_backward_bytes": saved_bytes(step, model)}
+    if device.type == "cuda":
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        train_step(model, images, labels, autocast_dtype)
+        torch.cuda.synchronize()
+        result["peak_allocated_above_start_bytes"] = torch.cuda.max_memory_allocated(device) - before
+    result["median_ms"] = common.time_ms([lambda: train_step(model, images, labels, autocast_dtype)], device,
+                                         grad_to_none=params, **timer)
+    del model, images, labels, params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    args = common.parse_args(__doc__.splitlines()[0])
+    device = common.setup(args.device)
+    batch, image = (QUICK_BATCH, QUICK_IMAGE) if args.quick else (BATCH[device.type], IMAGE)
+    timer = common.QUICK_TIMER if args.quick else dict(min_reps=3, min_seconds=1.0)
+    results = common.Results("memory", device, args, notes=[
+        "saved_for_backward_bytes: distinct storages packed by torch.autograd.graph.saved_tensors_hooks during one "
+        "step, parameters left out",
+        "peak_allocated_above_start_bytes (cuda): torch.cuda.max_memory_allocated during one step (grads set to "
+        "None first) minus torch.cuda.memory_allocated before it",
+        "median_ms: one step (forward, cross-entropy, backward), grads set to None before each; cuda: "
+        "triton.testing.do_bench, cpu: time.perf_counter, 2 threads"])
+    for dtype_name in args.dtypes:
+        autocast_dtype = None if dtype_name == "float32" else common.DTYPES[dtype_name]
+        precision = dtype_name if autocast_dtype is None else f"{dtype_name} autocast"
+        runs = {name: measure(name == "fused", device, batch, image, autocast_dtype, timer)
+                for name in ("fused", "unfused")}
+        case = {"precision": precision, "batch": batch, "image": image}
+        times = {name: r.pop("median_ms") for name, r in runs.items()}
+        difference = {key: runs["unfused"][key] - runs["fused"][key] for key in runs["fused"]}
+        row = results.add(case, times, details=runs, unfused_minus_fused=difference)
+        print(common.memory_line(row))
+    results.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""pytest-benchmark versions of the CPU comparisons: forward + backward of the fused op ("cpu" backend)
+against PyTorch eager, float32, 2 threads, at one ResNet-50 shape each (batch 8, 224 x 224 images).
+
+    pytest benchmarks/test_bench_cpu.py --benchmark-only
+
+Not part of the test suite: pytest's testpaths is tests/, and run without --benchmark-only these skip.
+One input set is enough: every case moves well over 100 MB, beyond any CPU's last-level cache.
+"""
+
+import pytest
+import torch
+
+import bench_mish
+import bench_recalibrate
+import common
+
+CASES = [(bench_mish, (8, 64, 112, 112), "nchw"),
+         (bench_recalibrate, (8, 256, 56, 56), "nchw"),
+         (bench_recalibrate, (8, 256, 56, 56), "channels_last")]
+
+
+@pytest.fixture(autouse=True)
+def _benchmark_only(request):
+    if not request.config.getoption("benchmark_only", False):
+        pytest.skip("a timing, not a test: run pytest benchmarks/test_bench_cpu.py --benchmark-only")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(common.CPU_THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", ["fused-cpu", "eager"])
+@pytest.mark.parametrize("module, shape, layout", CASES,
+                         ids=[f"{m.__name__.removeprefix('bench_')}-{'x'.join(map(str, s))}-{l}" for m, s, l in CASES])
+def test_fwd_bwd(benchmark, module, shape, layout, variant):
+    torch.manual_seed(0)
+    inputs, grad = module.make_inputs(shape, torch.float32, layout, torch.device("cpu"))
+    forward = module.make_variants("cpu")[variant].forward
+    benchmark.group = f"{module.__name__.removeprefix('bench_')} fwd+bwd {'x'.join(map(str, shape))} {layout} float32"
+    benchmark.extra_info.update(threads=torch.get_num_threads(), device=common.device_name(torch.device("cpu")),
+                                bytes_moved=module.byte_floor(shape, torch.float32, "fwd+bwd"))
+
+    def step():
+        for t in inputs:
+            t.grad = None  # so backward writes fresh gradients instead of adding to the last ones
+        forward(*inputs).backward(grad)
+
+    benchmark(step)
