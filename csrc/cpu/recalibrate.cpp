@@ -50,21 +50,28 @@ FK_CPU_CLONES T tail_backward_run(const scalar_t* __restrict__ dy, const scalar_
   return acc;
 }
 
-// Backward over consecutive channels-last rows; adds dz * x to acc[c] (double: see SUM_BLOCK below).
+// Backward over consecutive channels-last rows (at most SUM_ROWS): sums dz * x down each column into
+// acc[c], in the math type; the caller adds these block sums up in double.
 template <Act A, typename scalar_t, typename T>
 FK_CPU_CLONES void tail_backward_rows(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                       const scalar_t* __restrict__ id, scalar_t* __restrict__ dx,
-                                      scalar_t* __restrict__ did, const T* __restrict__ g, double* __restrict__ acc,
+                                      scalar_t* __restrict__ did, const T* __restrict__ g, T* __restrict__ acc,
                                       int64_t rows, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) acc[c] = T(0);
   for (int64_t r = 0; r < rows; ++r, dy += C, x += C, id += C, dx += C, did += C) {
     for (int64_t c = 0; c < C; ++c) {
       T xv = static_cast<T>(x[c]);
       T dz = act_backward<A>(static_cast<T>(dy[c]), xv * g[c] + static_cast<T>(id[c]));
       dx[c] = static_cast<scalar_t>(dz * g[c]);
       did[c] = static_cast<scalar_t>(dz);
-      acc[c] += static_cast<double>(dz * xv);
+      acc[c] += dz * xv;
     }
   }
+}
+
+template <typename T>
+FK_CPU_CLONES void add_to_double(const T* __restrict__ src, double* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<double>(src[i]);
 }
 
 // ---- drivers ----
@@ -99,10 +106,11 @@ void tail_forward(const TailShape& s, const scalar_t* x, const scalar_t* id, sca
   }
 }
 
-// The per-(n, c) sums are kept as accurate as PyTorch's own cascade sum: NCHW sums blocks of SUM_BLOCK
-// terms in the math type (one per vector lane) and adds the block totals in double; channels-last, whose
-// sums run down columns, adds every term in double (a vector convert-and-add per row, next to an exp).
+// The per-(n, c) sums are kept as accurate as PyTorch's own cascade sum: blocks of terms are summed in
+// the math type (NCHW: SUM_BLOCK terms spread over the vector lanes; channels-last: SUM_ROWS terms down
+// each column) and the block sums are added in double.
 constexpr int64_t SUM_BLOCK = 256;
+constexpr int64_t SUM_ROWS = 16;
 
 // dg goes to `partial` (double), shaped N*C x S (NCHW) or N x S x C (channels-last), summed over S by
 // the caller. S depends on the shape only, so the result does not depend on the number of threads.
@@ -129,15 +137,19 @@ void tail_backward(const TailShape& s, const scalar_t* dy, const scalar_t* x, co
   } else {
     std::vector<T> ones(gate ? 0 : s.C, T(1));
     at::parallel_for(0, s.N * splits, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> block(s.C);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / splits, part = item % splits;
-        const int64_t lo = part * chunk, hi = std::min(s.HW, lo + chunk);
+        const T* g = gate ? gate + n * s.C : ones.data();
         double* total = partial + item * s.C;
         std::fill(total, total + s.C, 0.0);
-        if (hi <= lo) continue;
-        const int64_t o = (n * s.HW + lo) * s.C;
-        tail_backward_rows<A>(dy + o, x + o, id + o, dx + o, did + o, gate ? gate + n * s.C : ones.data(), total,
-                              hi - lo, s.C);
+        const int64_t hi = std::min(s.HW, (part + 1) * chunk);
+        for (int64_t lo = part * chunk; lo < hi; lo += SUM_ROWS) {
+          const int64_t o = (n * s.HW + lo) * s.C;
+          tail_backward_rows<A>(dy + o, x + o, id + o, dx + o, did + o, g, block.data(), std::min(SUM_ROWS, hi - lo),
+                                s.C);
+          add_to_double(block.data(), total, s.C);
+        }
       }
     });
   }
