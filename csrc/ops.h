@@ -100,6 +100,15 @@ inline std::optional<at::Tensor> gate_in_math_type(const std::optional<at::Tenso
   return gate->reshape({s.N, s.C}).to(math_dtype(storage)).contiguous();
 }
 
+// The gate's gradient from the per-(n, c) partial sums in double (N*C x S for NCHW, N x S x C for
+// channels-last): summed over the S splits in a fixed order, in the gate's shape and dtype. Undefined
+// without a gate; zeros when `partial` is undefined (an empty problem).
+inline at::Tensor gate_gradient(const std::optional<at::Tensor>& gate, const at::Tensor& partial) {
+  if (!gate.has_value()) return {};
+  if (!partial.defined()) return at::zeros(gate->sizes(), gate->options());
+  return partial.sum(1).reshape(gate->sizes()).to(gate->scalar_type());
+}
+
 at::Tensor mish_forward_cpu(const at::Tensor& x);
 at::Tensor mish_backward_cpu(const at::Tensor& grad, const at::Tensor& x);
 at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gate,

@@ -181,11 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cpu(const at
   TORCH_CHECK(x.device().is_cpu(), "recalibrate_backward_cpu: x must be a CPU tensor, got ", x.device());
   at::Tensor dx = at::empty_like(x);
   at::Tensor did = at::empty_like(x);
-  at::Tensor dgate;
-  if (x.numel() == 0) {
-    if (gate.has_value()) dgate = at::zeros_like(*gate);
-    return {dx, dgate, did};
-  }
+  if (x.numel() == 0) return {dx, gate_gradient(gate, {}), did};
   // Split a plane (or an image, channels-last) into pieces of about GRAIN elements so that a few large
   // planes still spread over all threads.
   const int64_t per_item = s.channels_last ? s.HW * s.C : s.HW;
@@ -202,10 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cpu(const at
                                         partial.mutable_data_ptr<double>(), splits);
     });
   });
-  if (gate.has_value()) {
-    dgate = partial.sum(1).reshape(gate->sizes()).to(gate->scalar_type());
-  }
-  return {dx, dgate, did};
+  return {dx, gate_gradient(gate, partial), did};
 }
 
 }  // namespace fer_kernels

@@ -220,11 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cuda(const a
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);
   at::Tensor did = at::empty_like(x);
-  at::Tensor dgate;
-  if (x.numel() == 0) {
-    if (gate.has_value()) dgate = at::zeros_like(*gate);
-    return {dx, dgate, did};
-  }
+  if (x.numel() == 0) return {dx, gate_gradient(gate, {}), did};
   const auto g = gate_in_math_type(gate, s, x.scalar_type());
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t sms = cuda::sm_count();
@@ -282,10 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cuda(const a
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (gate.has_value()) {
-    dgate = partial.sum(1).reshape(gate->sizes()).to(gate->scalar_type());
-  }
-  return {dx, dgate, did};
+  return {dx, gate_gradient(gate, partial), did};
 }
 
 }  // namespace fer_kernels

@@ -62,6 +62,18 @@ def _forward_nhwc_kernel(x_ptr, g_ptr, id_ptr, out_ptr, HW, C, HAS_GATE: tl.cons
 
 
 @triton.jit
+def _backward_tile(dy_ptr, x_ptr, id_ptr, dx_ptr, did_ptr, offs, mask, g, ACT: tl.constexpr,
+                   COMPUTE_F64: tl.constexpr):
+    """Writes dx and didentity of one tile; returns its terms dz * x of the gate gradient, in float64."""
+    x = _load_math(x_ptr, offs, mask, COMPUTE_F64)
+    z = x * g + _load_math(id_ptr, offs, mask, COMPUTE_F64)
+    dz = act_backward(_load_math(dy_ptr, offs, mask, COMPUTE_F64), z, ACT)
+    tl.store(dx_ptr + offs, (dz * g).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(did_ptr + offs, dz.to(did_ptr.dtype.element_ty), mask=mask)
+    return tl.where(mask, dz * x, 0.0).to(tl.float64)
+
+
+@triton.jit
 def _backward_nchw_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial_ptr, planes, HW, splits, chunk,
                           HAS_GATE: tl.constexpr, ACT: tl.constexpr, COMPUTE_F64: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -71,6 +83,8 @@ def _backward_nchw_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
     p_mask = p < planes
     if HAS_GATE:
         g = _load_math(g_ptr, p, p_mask, COMPUTE_F64)[:, None]
+    else:
+        g = 1.0  # exact: x * 1 + identity and dz * 1 round like x + identity and dz
     acc = tl.zeros((BLOCK_P, BLOCK_HW), dtype=tl.float64)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, HW)
@@ -78,17 +92,7 @@ def _backward_nchw_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
         hw = start + tl.arange(0, BLOCK_HW)
         mask = p_mask[:, None] & (hw < hi)[None, :]
         offs = p[:, None] * HW + hw[None, :]
-        x = _load_math(x_ptr, offs, mask, COMPUTE_F64)
-        dy = _load_math(dy_ptr, offs, mask, COMPUTE_F64)
-        idv = _load_math(id_ptr, offs, mask, COMPUTE_F64)
-        if HAS_GATE:
-            dz = act_backward(dy, x * g + idv, ACT)
-            tl.store(dx_ptr + offs, (dz * g).to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
-            dz = act_backward(dy, x + idv, ACT)
-            tl.store(dx_ptr + offs, dz.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(did_ptr + offs, dz.to(did_ptr.dtype.element_ty), mask=mask)
-        acc += tl.where(mask, dz * x, 0.0).to(tl.float64)
+        acc += _backward_tile(dy_ptr, x_ptr, id_ptr, dx_ptr, did_ptr, offs, mask, g, ACT, COMPUTE_F64)
     tl.store(partial_ptr + p * splits + split, tl.sum(acc, axis=1), mask=p_mask)
 
 
@@ -104,6 +108,8 @@ def _backward_nhwc_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
     c_mask = c < C
     if HAS_GATE:
         g = _load_math(g_ptr, n * C + c, c_mask, COMPUTE_F64)[None, :]
+    else:
+        g = 1.0
     acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float64)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, HW)
@@ -111,17 +117,7 @@ def _backward_nhwc_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
         hw = start + tl.arange(0, BLOCK_HW)
         mask = (hw < hi)[:, None] & c_mask[None, :]
         offs = (n * HW + hw)[:, None] * C + c[None, :]
-        x = _load_math(x_ptr, offs, mask, COMPUTE_F64)
-        dy = _load_math(dy_ptr, offs, mask, COMPUTE_F64)
-        idv = _load_math(id_ptr, offs, mask, COMPUTE_F64)
-        if HAS_GATE:
-            dz = act_backward(dy, x * g + idv, ACT)
-            tl.store(dx_ptr + offs, (dz * g).to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
-            dz = act_backward(dy, x + idv, ACT)
-            tl.store(dx_ptr + offs, dz.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(did_ptr + offs, dz.to(did_ptr.dtype.element_ty), mask=mask)
-        acc += tl.where(mask, dz * x, 0.0).to(tl.float64)
+        acc += _backward_tile(dy_ptr, x_ptr, id_ptr, dx_ptr, did_ptr, offs, mask, g, ACT, COMPUTE_F64)
     tl.store(partial_ptr + (n * splits + split) * C + c, tl.sum(acc, axis=0), mask=c_mask)
 
 
