@@ -196,6 +196,15 @@ def _explain(op: str, name: str, device_type: str) -> str | None:
     return None if reason is None else f"{op}: backend {name!r} cannot run on {device_type}: {reason}"
 
 
+def _auto_candidates(device_type: str) -> tuple[list[str], list[str]]:
+    """auto's usable backends for a device type, in priority order, and those of them it times."""
+    usable = [n for n in _AUTO_ORDER.get(device_type, ("reference",)) if _BACKENDS[n].unavailable(device_type) is None]
+    timed = [n for n in _TIMED.get(device_type, ()) if n in usable]
+    if len(timed) < 2 or os.environ.get(ENV_AUTOTUNE, "1") == "0":
+        timed = []
+    return usable, timed
+
+
 def _bucket(n: int) -> int:
     return max(int(n), 1).bit_length()
 
@@ -228,15 +237,13 @@ def run(op: str, stage: str, backend: str | None, x: torch.Tensor, shape_key: tu
         if reason is not None:
             raise BackendUnavailableError(reason)
         return call(_BACKENDS[name])
-    order = _AUTO_ORDER.get(device_type, ("reference",))
-    candidates = [n for n in order if _BACKENDS[n].unavailable(device_type) is None]
-    timed = [n for n in _TIMED.get(device_type, ()) if n in candidates]
-    if len(timed) > 1 and os.environ.get(ENV_AUTOTUNE, "1") != "0" and not torch.cuda.is_current_stream_capturing():
+    usable, timed = _auto_candidates(device_type)
+    if timed and not torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA-graph capture
         key = (stage, x.device.index, x.dtype) + shape_key
         if key not in _measured:
             _measured[key] = _time_candidates(timed, call, x.device)
         return call(_BACKENDS[_measured[key]])
-    return call(_BACKENDS[candidates[0]])
+    return call(_BACKENDS[usable[0]])
 
 
 def shape_key(numel: int, *extra: int) -> tuple:
@@ -271,14 +278,8 @@ def backends(verbose: bool = False) -> dict:
             elif name != "auto":
                 selected = name if name not in unavailable else f"{name} (unavailable: {unavailable[name]})"
             else:
-                usable = [n for n in order if n not in unavailable]
-                timed = [n for n in _TIMED.get(device_type, ()) if n in usable]
-                if len(timed) > 1 and os.environ.get(ENV_AUTOTUNE, "1") != "0":
-                    selected = f"fastest of {' and '.join(timed)}, timed per dtype and size"
-                elif usable:
-                    selected = usable[0]
-                else:
-                    selected = f"none ({'; '.join(f'{n}: {unavailable[n]}' for n in order)})"
+                usable, timed = _auto_candidates(device_type)
+                selected = f"fastest of {' and '.join(timed)}, timed per dtype and size" if timed else usable[0]
             if verbose:
                 measured = {f"{k[0]} {k[2]} size-bucket {k[3:]}": v for k, v in _measured.items()
                             if k[0].startswith(op)}
