@@ -9,7 +9,8 @@ functions (exp, log1p, tanh), not by a matrix-product rate, and is not measured 
 higher floor with 2 CPU threads, and may come close in bf16 on a GPU (half the bytes, the same math), so
 a low fraction of copy bandwidth there is not by itself a memory-access problem.
 
-    python benchmarks/common.py benchmarks/results/*.json     prints the summary of results files
+    python benchmarks/common.py benchmarks/results/*.json              prints the summary of results files
+    python benchmarks/common.py --markdown benchmarks/results/*.json   the README's table (fwd+bwd rows)
 """
 
 from __future__ import annotations
@@ -444,5 +445,28 @@ def summarize(paths: list[str]) -> None:
             print(f"  {' '.join(group):<26} {'; '.join(parts)}  [{len(rows)} shapes]")
 
 
+def markdown(paths: list[str], pass_: str = "fwd+bwd") -> None:
+    """The README's performance table: one row per case of `pass_`, figures as the files hold them."""
+    print(f"| op | device | shape | dtype | layout | {pass_} fused | eager | torch.compile | fused vs eager | "
+          "fused vs compile | fused, fraction of copy bandwidth |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        if doc["what"] == "memory":
+            continue
+        for row in (r for r in doc["rows"] if r["pass"] == pass_):
+            for name, v in row["variants"].items():
+                if not name.startswith("fused"):
+                    continue
+                base = {b: row["variants"][b]["median_ms"] for b in ("eager", "compile")}
+                print(f"| {doc['what']} ({name}) | {doc['device']}, {doc.get('threads') or 1} threads | {row['shape']} | "
+                      f"{row['dtype']} | {row['layout']} | {v['median_ms']:.3f} ms | {base['eager']:.3f} ms | "
+                      f"{base['compile']:.3f} ms | x{row['speedup'][f'{name} vs eager']:.2f} | "
+                      f"x{row['speedup'][f'{name} vs compile']:.2f} | {v['fraction_of_copy_bandwidth']:.0%} |")
+
+
 if __name__ == "__main__":
-    summarize(sys.argv[1:])
+    if sys.argv[1:2] == ["--markdown"]:
+        markdown(sys.argv[2:])
+    else:
+        summarize(sys.argv[1:])
