@@ -63,12 +63,13 @@ def _extension():
                  "toolkit that has nvcc")
     with_cuda = have_cuda and cuda_mode != "0"
 
-    sources = ["csrc/bindings.cpp", "csrc/cpu/mish.cpp", "csrc/cpu/recalibrate.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/mish.cpp", "csrc/cpu/recalibrate.cpp", "csrc/cpu/optim.cpp"]
     # No -std: torch.utils.cpp_extension adds the standard the installed torch needs (C++17 or C++20).
-    cxx = ["-O3", "-fopenmp-simd"]
+    # -fno-math-errno: sqrt need not set errno, so loops that take one vectorise.
+    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
     if with_cuda:
-        sources += ["csrc/cuda/mish.cu", "csrc/cuda/recalibrate.cu"]
+        sources += ["csrc/cuda/mish.cu", "csrc/cuda/recalibrate.cu", "csrc/cuda/optim.cu"]
         cxx.append("-DFER_KERNELS_WITH_CUDA")
         nvcc.append("-DFER_KERNELS_WITH_CUDA")
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():

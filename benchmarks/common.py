@@ -418,6 +418,17 @@ def memory_line(row: dict) -> str:
     return f"{row['precision']:<18} batch {row['batch']} {row['image']}px | {' | '.join(parts)} | {saved}; {step}"
 
 
+def optim_line(row: dict) -> str:
+    """bench_optim's row: the floor, each optimizer's step time, the fused step's speedups."""
+    times = " | ".join(f"{name} {v['median_ms']:.2f} ms" for name, v in row["variants"].items())
+    fused = [n for n in row["variants"] if n.startswith("fused")]
+    floor = " ".join(f"{n.replace('fused-', '')} at {row['variants'][n]['median_ms'] / row['floor_ms']:.2f}x floor"
+                     for n in fused)
+    ratios = " ".join(f"{k.replace('fused-', '')} x{v:.2f}" for k, v in row["speedup"].items())
+    return (f"{row['model']:<13} {row['parameters'] / 1e6:.1f}M {row['dtype']} | floor {row['floor_ms']:.2f} ms | "
+            f"{times} | {floor} | {ratios}")
+
+
 def summarize(paths: list[str]) -> None:
     """Per results file and (dtype, layout, pass): the geometric mean (and range) over shapes of each fused
     variant's speedup over each baseline, and the fractions of copy bandwidth the fused variants reached."""
@@ -425,9 +436,9 @@ def summarize(paths: list[str]) -> None:
         doc = json.loads(Path(path).read_text())
         print(f"\n{Path(path).name}: {doc['device']}, torch {doc['torch']}, copy {doc['copy_bandwidth_GBps']:.0f} GB/s"
               + ("" if doc.get("complete", True) else "  (INCOMPLETE run)"))
-        if doc["what"] == "memory":
+        if doc["what"] in ("memory", "optim"):
             for row in doc["rows"]:
-                print(f"  {memory_line(row)}")
+                print(f"  {memory_line(row) if doc['what'] == 'memory' else optim_line(row)}")
             continue
         groups: dict[tuple, list[dict]] = {}
         for row in doc["rows"]:
@@ -452,7 +463,7 @@ def markdown(paths: list[str], pass_: str = "fwd+bwd") -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         doc = json.loads(Path(path).read_text())
-        if doc["what"] == "memory":
+        if doc["what"] in ("memory", "optim"):
             continue
         for row in (r for r in doc["rows"] if r["pass"] == pass_):
             for name, v in row["variants"].items():

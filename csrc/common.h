@@ -83,6 +83,22 @@ FK_HOST_DEVICE FK_INLINE double fk_exp(double x) {
 #endif
 }
 
+FK_HOST_DEVICE FK_INLINE float fk_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return __builtin_sqrtf(x);  // vectorises: setup.py compiles with -fno-math-errno
+#endif
+}
+
+FK_HOST_DEVICE FK_INLINE double fk_sqrt(double x) {
+#if defined(__CUDA_ARCH__)
+  return sqrt(x);
+#else
+  return __builtin_sqrt(x);
+#endif
+}
+
 // Storage types are converted to the math type at load and back at store; float16/bfloat16 compute in
 // float, float64 in double (float64 exists for gradcheck and for callers that want exact references).
 template <typename scalar_t> struct MathType { using type = float; };

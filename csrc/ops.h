@@ -6,9 +6,13 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
+#include <vector>
 
+#include "optim.h"
 #include "recalibrate.h"
 
 namespace fer_kernels {
@@ -109,6 +113,67 @@ inline at::Tensor gate_gradient(const std::optional<at::Tensor>& gate, const at:
   return partial.sum(1).reshape(gate->sizes()).to(gate->scalar_type());
 }
 
+// ---- the fused optimizer step ----
+
+// Scalars of a step as fer_kernels/optim/ranger.py passes them (a dict): the RangerScalars fields plus
+// "rectified" and "sync" (0 or 1).
+using ScalarMap = std::unordered_map<std::string, double>;
+
+inline double scalar_of(const ScalarMap& scalars, const char* key) {
+  auto it = scalars.find(key);
+  TORCH_CHECK(it != scalars.end(), "ranger_step: scalars lack \"", key, "\"");
+  return it->second;
+}
+
+template <typename T>
+RangerScalars<T> ranger_scalars(const ScalarMap& s) {
+  return {static_cast<T>(scalar_of(s, "beta1")), static_cast<T>(scalar_of(s, "beta2")),
+          static_cast<T>(scalar_of(s, "one_minus_beta1")), static_cast<T>(scalar_of(s, "one_minus_beta2")),
+          static_cast<T>(scalar_of(s, "eps")), static_cast<T>(scalar_of(s, "l2")),
+          static_cast<T>(scalar_of(s, "decay")), static_cast<T>(scalar_of(s, "step_size")),
+          static_cast<T>(scalar_of(s, "inv_sqrt_bc2")), static_cast<T>(scalar_of(s, "alpha"))};
+}
+
+// Columns of the plan: a parameter cut into segments, each a row of a centralized gradient or a chunk
+// of a plain one. Built by fer_kernels/optim/ranger.py (_plan), once per set of parameters.
+enum PlanColumn : int { PLAN_TENSOR = 0, PLAN_START = 1, PLAN_LENGTH = 2, PLAN_CENTRALIZE = 3, PLAN_COLUMNS = 4 };
+
+// Checks the tensor lists of one step: one device and dtype per role, state in the math type, dense
+// tensors laid out alike (the kernels walk them as flat buffers), and a plan of the right shape.
+inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& params,
+                              const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
+                              const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& slows,
+                              const at::Tensor& plan, bool sync) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0, op, ": no parameters");
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n, op,
+              ": params, grads, exp_avgs and exp_avg_sqs must have one tensor per parameter");
+  TORCH_CHECK(!sync || slows.size() == n, op, ": a Lookahead sync step needs one slow buffer per parameter");
+  const at::Tensor& first = params[0];
+  TORCH_CHECK(at::isFloatingType(first.scalar_type()), op, ": parameters must be floating point");
+  const at::ScalarType state_dtype = math_dtype(first.scalar_type());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.scalar_type() == first.scalar_type() && p.device() == first.device(), op, ": parameter ", i,
+                " has dtype ", p.scalar_type(), " on ", p.device(), ", the others ", first.scalar_type(), " on ",
+                first.device());
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": parameter ", i, " is not dense");
+    auto check = [&](const at::Tensor& t, const char* role, at::ScalarType dtype) {
+      TORCH_CHECK(t.scalar_type() == dtype && t.device() == p.device(), op, ": ", role, " ", i, " must be ", dtype,
+                  " on ", p.device(), ", got ", t.scalar_type(), " on ", t.device());
+      TORCH_CHECK(same_dense_layout(t, p), op, ": ", role, " ", i, " must have the shape and strides of its parameter");
+    };
+    check(grads[i], "grad", first.scalar_type());
+    check(exp_avgs[i], "exp_avg", state_dtype);
+    check(exp_avg_sqs[i], "exp_avg_sq", state_dtype);
+    if (sync) check(slows[i], "slow buffer", state_dtype);
+  }
+  TORCH_CHECK(plan.scalar_type() == at::kLong && plan.dim() == 2 && plan.size(1) == PLAN_COLUMNS &&
+                  plan.is_contiguous() && plan.device() == first.device(),
+              op, ": plan must be a contiguous int64 tensor of shape segments x ", int(PLAN_COLUMNS), " on ",
+              first.device());
+}
+
 at::Tensor mish_forward_cpu(const at::Tensor& x);
 at::Tensor mish_backward_cpu(const at::Tensor& grad, const at::Tensor& x);
 at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gate,
@@ -116,6 +181,10 @@ at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                         const std::optional<at::Tensor>& gate,
                                                                         const at::Tensor& identity, int64_t act);
+
+void ranger_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                     const std::vector<at::Tensor>& slows, const at::Tensor& plan, const ScalarMap& scalars);
 
 #ifdef FER_KERNELS_WITH_CUDA
 at::Tensor mish_forward_cuda(const at::Tensor& x);
@@ -125,6 +194,9 @@ at::Tensor recalibrate_forward_cuda(const at::Tensor& x, const std::optional<at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                                          const std::optional<at::Tensor>& gate,
                                                                          const at::Tensor& identity, int64_t act);
+void ranger_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                      const std::vector<at::Tensor>& slows, const at::Tensor& plan, const ScalarMap& scalars);
 #endif
 
 }  // namespace fer_kernels

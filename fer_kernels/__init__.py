@@ -4,6 +4,7 @@
     fer_kernels.recalibrate(x, gate, identity, act)      fused Accuracy-Booster block tail
     fer_kernels.nn                                       Mish, AccuracyBooster, Recalibrate, replace_activations
     fer_kernels.models                                   resnet18 / resnet50 (Mish, AB / ABP, fused or not)
+    fer_kernels.optim                                    Ranger, GCRAdam (one fused step per model), Lookahead
     fer_kernels.backends()                               which backend serves each op on each device
     fer_kernels.reference                                the plain-PyTorch specification of every op
 """
@@ -13,12 +14,12 @@ from fer_kernels.ops import mish, recalibrate
 from fer_kernels import reference  # noqa: E402  (after the ops: nothing here depends on import order)
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "backends", "mish", "recalibrate", "reference", "nn", "models"]
+__all__ = ["BackendUnavailableError", "backends", "mish", "recalibrate", "reference", "nn", "models", "optim"]
 
 
 def __getattr__(name):
-    # nn and models import torch.nn machinery; load them on first use.
-    if name in ("nn", "models"):
+    # nn, models and optim import torch.nn / torch.optim machinery; load them on first use.
+    if name in ("nn", "models", "optim"):
         import importlib
         return importlib.import_module(f"fer_kernels.{name}")
     raise AttributeError(f"module 'fer_kernels' has no attribute {name!r}")

@@ -3,12 +3,14 @@
 After xformers' dispatch: every backend says why it cannot serve a device (or None when it can); an
 explicit request for a backend that cannot serve raises an error with that reason; "auto" takes the
 first backend of the device's priority list that can serve it, except on CUDA where the C++/CUDA and
-Triton kernels are both timed on the first real input of each kind and the faster one is kept.
+Triton kernels of mish and recalibrate are both timed on the first real input of each kind and the
+faster one is kept. The optimizer step ("optim") is not timed, as it updates its inputs in place: auto
+takes the CUDA kernel on GPUs.
 
 Choosing a backend, most specific first:
   1. the ``backend=`` argument of fer_kernels.mish / fer_kernels.recalibrate / the nn modules;
   2. the environment variable FER_KERNELS_BACKEND, either one name for every op ("triton") or per op
-     ("mish=cuda,recalibrate=triton");
+     ("mish=cuda,recalibrate=triton,optim=cpu");
   3. "auto".
 FER_KERNELS_AUTOTUNE=0 turns the timing off (auto then prefers the CUDA kernels).
 """
@@ -26,7 +28,7 @@ from fer_kernels import reference
 
 __all__ = ["BACKEND_NAMES", "BackendUnavailableError", "backends", "run"]
 
-OPS = ("mish", "recalibrate")
+OPS = ("mish", "recalibrate", "optim")
 ENV_BACKEND = "FER_KERNELS_BACKEND"
 ENV_AUTOTUNE = "FER_KERNELS_AUTOTUNE"
 ACT_CODES = {"mish": 0, "relu": 1, "none": 2}  # csrc/recalibrate.h enum Act, fer_kernels/triton/math.py
@@ -86,6 +88,11 @@ class _Reference(_Backend):
         return (torch.empty_like(x).copy_(dx), None if gate is None else dg.to(gate.dtype),
                 torch.empty_like(x).copy_(did))
 
+    def ranger_step(self, bucket):
+        """The specification, parameter by parameter, from the hyperparameters (not the step's scalars)."""
+        for param, grad, state in zip(bucket.params, bucket.grads, bucket.states):
+            reference.ranger_step(param, grad, state, **bucket.hyper)
+
 
 class _Extension(_Backend):
     """fer_kernels._C: the C++ CPU twin ("cpu") or the CUDA kernels ("cuda")."""
@@ -124,6 +131,9 @@ class _Extension(_Backend):
     def recalibrate_backward(self, grad, x, gate, identity, act, channels_last):
         return self._fn("recalibrate_backward")(grad, x, gate, identity, act)
 
+    def ranger_step(self, bucket):
+        self._fn("ranger_step")(*bucket.kernel_args())
+
 
 class _Triton(_Backend):
     name = "triton"
@@ -158,12 +168,17 @@ class _Triton(_Backend):
         from fer_kernels.triton.recalibrate import recalibrate_backward_triton
         return recalibrate_backward_triton(grad, x, gate, identity, act, channels_last)
 
+    def ranger_step(self, bucket):
+        from fer_kernels.triton.optim import ranger_step_triton
+        ranger_step_triton(*bucket.kernel_args())
+
 
 _BACKENDS = {b.name: b for b in (_Extension("cuda"), _Triton(), _Extension("cpu"), _Reference())}
 BACKEND_NAMES = tuple(_BACKENDS)
 # "auto": first that can serve; on CUDA the first two are timed against each other.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 _TIMED = {"cuda": ("cuda", "triton")}
+_UNTIMED_OPS = ("optim",)  # ops that update their inputs in place cannot run twice to be timed
 _measured: dict[tuple, str] = {}
 
 
@@ -196,11 +211,11 @@ def _explain(op: str, name: str, device_type: str) -> str | None:
     return None if reason is None else f"{op}: backend {name!r} cannot run on {device_type}: {reason}"
 
 
-def _auto_candidates(device_type: str) -> tuple[list[str], list[str]]:
-    """auto's usable backends for a device type, in priority order, and those of them it times."""
+def _auto_candidates(op: str, device_type: str) -> tuple[list[str], list[str]]:
+    """auto's usable backends for an op on a device type, in priority order, and those of them it times."""
     usable = [n for n in _AUTO_ORDER.get(device_type, ("reference",)) if _BACKENDS[n].unavailable(device_type) is None]
     timed = [n for n in _TIMED.get(device_type, ()) if n in usable]
-    if len(timed) < 2 or os.environ.get(ENV_AUTOTUNE, "1") == "0":
+    if len(timed) < 2 or op in _UNTIMED_OPS or os.environ.get(ENV_AUTOTUNE, "1") == "0":
         timed = []
     return usable, timed
 
@@ -237,7 +252,7 @@ def run(op: str, stage: str, backend: str | None, x: torch.Tensor, shape_key: tu
         if reason is not None:
             raise BackendUnavailableError(reason)
         return call(_BACKENDS[name])
-    usable, timed = _auto_candidates(device_type)
+    usable, timed = _auto_candidates(op, device_type)
     if timed and not torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA-graph capture
         key = (stage, x.device.index, x.dtype) + shape_key
         if key not in _measured:
@@ -278,7 +293,7 @@ def backends(verbose: bool = False) -> dict:
             elif name != "auto":
                 selected = name if name not in unavailable else f"{name} (unavailable: {unavailable[name]})"
             else:
-                usable, timed = _auto_candidates(device_type)
+                usable, timed = _auto_candidates(op, device_type)
                 selected = f"fastest of {' and '.join(timed)}, timed per dtype and size" if timed else usable[0]
             if verbose:
                 measured = {f"{k[0]} {k[2]} size-bucket {k[3:]}": v for k, v in _measured.items()

@@ -71,7 +71,7 @@ def test_unavailable_backend_says_why(monkeypatch):
 
 def test_report():
     report = fer_kernels.backends()
-    assert set(report) == {"mish", "recalibrate"}
+    assert set(report) == {"mish", "recalibrate", "optim"}
     assert report["mish"]["cpu"] == "cpu"
     detail = fer_kernels.backends(verbose=True)["mish"]["cpu"]
     assert detail["selected"] == "cpu" and detail["order"] == ["cpu", "reference"]

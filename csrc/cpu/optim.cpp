@@ -1,0 +1,85 @@
+// The fused Ranger step on the CPU: the C++ twin of csrc/cuda/optim.cu, using the same math (csrc/optim.h).
+// One pass over every parameter of a bucket, segment by segment (plan rows); a centralized segment (one
+// row of a weight's gradient) is read twice, first for its mean.
+#include <ATen/Dispatch.h>
+
+#include "../ops.h"
+#include "../optim.h"
+#include "cpu_common.h"
+
+namespace fer_kernels {
+namespace {
+
+// Sum of g + l2 * p over one row: SUM_BLOCK terms at a time across the vector lanes, the block sums in
+// double (as csrc/cpu/recalibrate.cpp), so a row's mean is exact to the last bits of the math type.
+constexpr int64_t SUM_BLOCK = 256;
+
+template <bool L2, typename scalar_t, typename T>
+FK_CPU_CLONES T block_sum(const scalar_t* __restrict__ p, const scalar_t* __restrict__ g, T l2, int64_t n) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += L2 ? static_cast<T>(g[i]) + l2 * static_cast<T>(p[i]) : static_cast<T>(g[i]);
+  return acc;
+}
+
+// Mean of g + l2 * p over one row; p is read only with L2 decay.
+template <typename scalar_t, typename T>
+T row_mean(const scalar_t* p, const scalar_t* g, T l2, int64_t n) {
+  double sum = 0.0;
+  for (int64_t lo = 0; lo < n; lo += SUM_BLOCK) {
+    const int64_t len = std::min(SUM_BLOCK, n - lo);
+    sum += l2 != T(0) ? block_sum<true>(p + lo, g + lo, l2, len) : block_sum<false>(p + lo, g + lo, l2, len);
+  }
+  return static_cast<T>(sum / static_cast<double>(n));
+}
+
+template <bool RECTIFIED, bool SYNC, typename scalar_t, typename T>
+FK_CPU_CLONES void update_segment(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, T* __restrict__ m,
+                                  T* __restrict__ v, T* __restrict__ slow, T mean, RangerScalars<T> c, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = static_cast<scalar_t>(ranger_update<RECTIFIED, SYNC>(static_cast<T>(p[i]), static_cast<T>(g[i]), mean,
+                                                                  m[i], v[i], SYNC ? slow + i : nullptr, c));
+  }
+}
+
+}  // namespace
+
+void ranger_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                     const std::vector<at::Tensor>& slows, const at::Tensor& plan, const ScalarMap& scalars) {
+  const bool rectified = scalar_of(scalars, "rectified") != 0, sync = scalar_of(scalars, "sync") != 0;
+  check_ranger_step("ranger_step_cpu", params, grads, exp_avgs, exp_avg_sqs, slows, plan, sync);
+  TORCH_CHECK(params[0].device().is_cpu(), "ranger_step_cpu: parameters must be on the CPU, got ", params[0].device());
+  const int64_t segments = plan.size(0);
+  const int64_t* rows = plan.const_data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t s = 0; s < segments; ++s) {
+    const int64_t* r = rows + s * PLAN_COLUMNS;
+    TORCH_CHECK(r[PLAN_TENSOR] >= 0 && r[PLAN_TENSOR] < static_cast<int64_t>(params.size()) && r[PLAN_START] >= 0 &&
+                    r[PLAN_LENGTH] > 0 && r[PLAN_START] + r[PLAN_LENGTH] <= params[r[PLAN_TENSOR]].numel(),
+                "ranger_step_cpu: plan row ", s, " is outside its parameter");
+    total += r[PLAN_LENGTH];
+  }
+  const int64_t grain = std::max<int64_t>(1, cpu::GRAIN * segments / std::max<int64_t>(total, 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ranger_step_cpu", [&] {
+    using T = typename MathType<scalar_t>::type;
+    const RangerScalars<T> c = ranger_scalars<T>(scalars);
+    dispatch_ranger(rectified, sync, [&](auto rect, auto syn) {
+      constexpr bool R = decltype(rect)::value, S = decltype(syn)::value;
+      at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          const int64_t* r = rows + s * PLAN_COLUMNS;
+          const int64_t t = r[PLAN_TENSOR], start = r[PLAN_START], n = r[PLAN_LENGTH];
+          scalar_t* p = params[t].mutable_data_ptr<scalar_t>() + start;
+          const scalar_t* g = grads[t].const_data_ptr<scalar_t>() + start;
+          const T mean = r[PLAN_CENTRALIZE] ? row_mean(p, g, c.l2, n) : T(0);
+          update_segment<R, S>(p, g, exp_avgs[t].mutable_data_ptr<T>() + start,
+                               exp_avg_sqs[t].mutable_data_ptr<T>() + start,
+                               S ? slows[t].mutable_data_ptr<T>() + start : nullptr, mean, c, n);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace fer_kernels

@@ -1,0 +1,244 @@
+"""Ranger = Lookahead + RAdam, with Gradient Centralization (SPEC section 3), as one fused step.
+
+The step of a whole model is one kernel launch per bucket of parameters that share a group, a dtype, a
+device and a step count (usually one bucket per group and dtype). Inside it, every parameter is cut
+into plan rows: each row of a centralized gradient (all dims but 0) is one plan row, whose mean the
+kernel takes before the update; other parameters are cut into chunks. The math (csrc/optim.h,
+fer_kernels/triton/optim.py) follows the float64 specification fer_kernels.reference.ranger_step, which
+the "reference" backend runs parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim import Optimizer
+
+from fer_kernels import _backends
+from fer_kernels.ops._layout import is_dense, like
+from fer_kernels.optim._state import load_state_keeping_dtypes, state_like
+
+__all__ = ["GCRAdam", "Ranger"]
+
+STATE_TENSORS = ("exp_avg", "exp_avg_sq", "slow_buffer")
+# Elements per plan row of a parameter whose gradient is not centralized: long enough to amortise a
+# program, short enough to spread a large bias or embedding over many.
+CHUNK = 8192
+
+
+@dataclass
+class RangerBucket:
+    """One kernel launch: parameters of one group, dtype, device and step count, with their state."""
+
+    params: list
+    grads: list
+    states: list
+    slows: list
+    plan: torch.Tensor
+    scalars: dict
+    hyper: dict  # the group's hyperparameters, for the reference backend
+    step: int  # the step count after this update (t, from 1)
+    exp_avgs: list = field(init=False)
+    exp_avg_sqs: list = field(init=False)
+
+    def __post_init__(self):
+        self.exp_avgs = [s["exp_avg"] for s in self.states]
+        self.exp_avg_sqs = [s["exp_avg_sq"] for s in self.states]
+
+    def kernel_args(self):
+        return self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.slows, self.plan, self.scalars
+
+
+def _centralized(param: torch.Tensor, group: dict) -> bool:
+    return bool(group["gc"]) and param.dim() > (3 if group["gc_conv_only"] else 1)
+
+
+def _plan(params: list, centralize: list, device: torch.device) -> torch.Tensor:
+    """Plan rows (tensor index, start, length, centralize) covering every element of every parameter."""
+    rows = []
+    for index, (param, central) in enumerate(zip(params, centralize)):
+        n = param.numel()
+        if n == 0:
+            continue
+        length = n // param.shape[0] if central else CHUNK
+        starts = torch.arange(0, n, length, dtype=torch.int64)
+        lengths = (n - starts).clamp(max=length)
+        rows.append(torch.stack([torch.full_like(starts, index), starts, lengths, torch.full_like(starts, central)], 1))
+    plan = torch.cat(rows) if rows else torch.empty(0, 4, dtype=torch.int64)
+    return plan.to(device)
+
+
+def step_scalars(group: dict, step: int) -> dict:
+    """Everything the kernels need that depends only on the hyperparameters and the step count t."""
+    lr = float(group["lr"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    weight_decay = float(group["weight_decay"])
+    decoupled = group["decoupled_weight_decay"]
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2 ** step / bias_correction2
+    rectified = rho_t >= 5.0
+    rectifier = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) \
+        if rectified else 1.0
+    k = group["k"]
+    return {
+        "beta1": beta1, "beta2": beta2, "one_minus_beta1": 1.0 - beta1, "one_minus_beta2": 1.0 - beta2,
+        "eps": float(group["eps"]),
+        "l2": 0.0 if decoupled else weight_decay,
+        "decay": 1.0 - lr * weight_decay if decoupled else 1.0,
+        "step_size": lr * rectifier / bias_correction1,
+        "inv_sqrt_bc2": 1.0 / math.sqrt(bias_correction2),
+        "alpha": float(group["alpha"]),
+        "rectified": rectified,
+        "sync": bool(k) and step % k == 0,
+    }
+
+
+def _check_group(name: str, group: dict, index: int) -> None:
+    where = f"{name}: param group {index}"
+    lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
+    checks = [(lr >= 0, f"lr must be >= 0, got {lr}"), (0 <= beta1 < 1, f"betas[0] must be in [0, 1), got {beta1}"),
+              (0 <= beta2 < 1, f"betas[1] must be in [0, 1), got {beta2}"), (eps >= 0, f"eps must be >= 0, got {eps}"),
+              (group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}"),
+              (isinstance(group["k"], int) and group["k"] >= 0, f"k must be an int >= 1, got {group['k']!r}"),
+              (0 < group["alpha"] <= 1, f"alpha must be in (0, 1], got {group['alpha']}")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{where}: {message}")
+
+
+class _FusedRanger(Optimizer):
+    """What GCRAdam and Ranger share: state, buckets, plans and the step (k = 0: no Lookahead)."""
+
+    _name = ""
+
+    def __init__(self, params, defaults: dict, backend: str | None):
+        self.backend = _backends.requested("optim", backend) if backend else None
+        self._plans: dict[tuple, torch.Tensor] = {}
+        super().__init__(params, {**defaults, "betas": tuple(defaults["betas"])})
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            _check_group(self._name, self.param_groups[-1], len(self.param_groups) - 1)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_param(self, param: torch.Tensor, index: int) -> None:
+        where = f"{self._name}: a parameter of shape {tuple(param.shape)} in param group {index}"
+        if param.grad.is_sparse:
+            raise RuntimeError(f"{where} has a sparse gradient, which {self._name} does not support")
+        if param.is_complex():
+            raise RuntimeError(f"{where} is complex, which {self._name} does not support")
+        if not param.is_floating_point():
+            raise RuntimeError(f"{where} is {param.dtype}, not floating point")
+        rows_outermost = param.dim() < 2 or param.numel() == 0 or param.stride(0) == param.numel() // param.shape[0]
+        if not (is_dense(param) and rows_outermost):
+            raise RuntimeError(f"{where} has strides {param.stride()}: the fused step needs each parameter dense "
+                               "with dim 0 outermost (call .contiguous() on it, or use backend='reference')")
+
+    def _buckets(self) -> list[RangerBucket]:
+        found: dict[tuple, list] = {}
+        for index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                self._check_param(param, index)
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = state_like(param)
+                    state["exp_avg_sq"] = state_like(param)
+                if group["k"] and "slow_buffer" not in state:
+                    state["slow_buffer"] = state_like(param, param.detach())  # before its first update
+                found.setdefault((index, param.device, param.dtype, state["step"]), []).append(param)
+        buckets = []
+        for (index, device, _, step), params in found.items():
+            group = self.param_groups[index]
+            centralize = [_centralized(p, group) for p in params]
+            key = (tuple(id(p) for p in params), tuple(centralize), device)
+            if key not in self._plans:
+                self._plans[key] = _plan(params, centralize, device)
+            scalars = step_scalars(group, step + 1)
+            states = [self.state[p] for p in params]
+            hyper = {k: group[k] for k in ("betas", "eps", "weight_decay", "decoupled_weight_decay", "gc",
+                                            "gc_conv_only", "k", "alpha")}
+            buckets.append(RangerBucket(
+                params=params, grads=[like(p.grad, p) for p in params], states=states,
+                slows=[s["slow_buffer"] for s in states] if scalars["sync"] else [], plan=self._plans[key],
+                scalars=scalars, hyper={**hyper, "lr": float(group["lr"])}, step=step + 1))
+        return buckets
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns closure()'s loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for bucket in self._buckets():
+            _backends.run("optim", "ranger_step", self.backend, bucket.params[0], (), bucket)
+            for state in bucket.states:
+                state["step"] = bucket.step
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim.Optimizer's, but float32 state stays float32 for half-precision parameters (and
+        moves to each parameter's device and layout)."""
+        load_state_keeping_dtypes(self, state_dict, STATE_TENSORS, super().load_state_dict)
+        self._plans.clear()
+
+
+class GCRAdam(_FusedRanger):
+    """RAdam with Gradient Centralization as one fused step for the whole model (Ranger adds Lookahead).
+
+    Args:
+        params: parameters or param groups (a group may set any argument below but backend).
+        lr, betas, eps: RAdam's; eps is added outside the square root. The first steps, while the
+            variance rectifier is undefined (rho_t < 5: the first 5 at beta2 = 0.999), take un-adapted
+            momentum, ``p -= lr * m_hat``.
+        weight_decay: 0 (default) for none; L2 (added to the gradient before centralization), or
+            decoupled (AdamW's ``p *= 1 - lr * weight_decay``) with ``decoupled_weight_decay=True``.
+        gc: Gradient Centralization of every gradient of more than one dimension (conv kernels, linear
+            weights); ``gc_conv_only=True`` limits it to those of more than three (conv kernels).
+        backend: None / "auto", "cuda", "triton", "cpu" or "reference" (fer_kernels.backends()).
+
+    float16 / bfloat16 parameters keep float32 state; parameters without a gradient are skipped (their
+    step count does not advance); sparse and complex gradients are an error. With torch.amp.GradScaler,
+    the scaler unscales the gradients and skips the step when one is not finite, as for any optimizer.
+    """
+
+    _name = "GCRAdam"
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, decoupled_weight_decay: bool = False, gc: bool = True,
+                 gc_conv_only: bool = False, backend: str | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay, gc=gc, gc_conv_only=gc_conv_only,
+                                      k=0, alpha=0.5), backend)
+
+
+class Ranger(_FusedRanger):
+    """Ranger: Lookahead around RAdam with Gradient Centralization (SPEC section 3), one fused step.
+
+    The defaults are the paper's best (Table 3): lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay,
+    Lookahead every k = 6 steps with alpha = 0.5, centralization of every gradient of more than one
+    dimension. Every k updates of a parameter its slow copy (float32 state, starting as the parameter)
+    moves alpha of the way to it and the parameter is reset to the slow copy; a parameter skipped for
+    lack of a gradient keeps its own count. Other arguments as GCRAdam.
+    """
+
+    _name = "Ranger"
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, k: int = 6, alpha: float = 0.5, gc: bool = True, *,
+                 gc_conv_only: bool = False, decoupled_weight_decay: bool = False, backend: str | None = None):
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"Ranger: k must be an int >= 1, got {k!r}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay, gc=gc, gc_conv_only=gc_conv_only,
+                                      k=k, alpha=alpha), backend)
