@@ -338,3 +338,21 @@ def test_state_moves_across_devices():
             o.step()
     for p, q in zip(gpu_model.parameters(), cpu_model.parameters()):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_step_is_deterministic_across_thread_counts():
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            model = resnet18(num_classes=8)
+            opt = Ranger(model.parameters(), backend="cpu")
+            for step in range(7):
+                _grads(model, step, set())
+                opt.step()
+            results.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -211,3 +211,19 @@ def test_more_than_2_31_elements_cuda(channels_last):
         torch.testing.assert_close(dg.flatten(), (dz * x[0, :, -1, -8:].float()).sum(1), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(did[0, :, -1, -8:].float(), dz, rtol=2e-2, atol=2e-2)
         del out, dx, dg, did
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpu_twin_is_deterministic_across_thread_counts(channels_last):
+    """The gate gradient is split by the shape alone, so 1 and 2 threads give the same bits."""
+    x, g, identity, dy = _inputs((2, 4, 200, 180), torch.float32, "cpu", channels_last=channels_last)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.fer_kernels.recalibrate_backward(dy, x, g, identity, "mish", "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
