@@ -110,7 +110,7 @@ def dispatches(step, device) -> dict:
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
     device = common.setup(args.device)
-    cycles = 2 if args.quick else (10 if device.type == "cuda" else 3)
+    cycles = 2 if args.quick else (10 if device.type == "cuda" else 6)
     sets = [("resnet18", None), ("resnet18", "plus")] + ([] if args.quick else [("resnet50", None), ("resnet50", "plus")])
     results = common.Results("optim", device, args, notes=[
         f"median over {cycles} Lookahead cycles (k = {K}) of the mean time per step; grads fixed random",

@@ -3,6 +3,9 @@
 // row of a weight's gradient) is read twice, first for its mean.
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../ops.h"
 #include "../optim.h"
 #include "cpu_common.h"
@@ -52,22 +55,25 @@ void ranger_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at
   TORCH_CHECK(params[0].device().is_cpu(), "ranger_step_cpu: parameters must be on the CPU, got ", params[0].device());
   const int64_t segments = plan.size(0);
   const int64_t* rows = plan.const_data_ptr<int64_t>();
-  int64_t total = 0;
+  // Where each segment starts in the bucket's elements: threads split the elements, not the segments,
+  // whose lengths range from a few dozen (a stem row) to thousands (a layer-4 row).
+  std::vector<int64_t> offsets(segments + 1, 0);
   for (int64_t s = 0; s < segments; ++s) {
     const int64_t* r = rows + s * PLAN_COLUMNS;
     TORCH_CHECK(r[PLAN_TENSOR] >= 0 && r[PLAN_TENSOR] < static_cast<int64_t>(params.size()) && r[PLAN_START] >= 0 &&
                     r[PLAN_LENGTH] > 0 && r[PLAN_START] + r[PLAN_LENGTH] <= params[r[PLAN_TENSOR]].numel(),
                 "ranger_step_cpu: plan row ", s, " is outside its parameter");
-    total += r[PLAN_LENGTH];
+    offsets[s + 1] = offsets[s] + r[PLAN_LENGTH];
   }
-  const int64_t grain = std::max<int64_t>(1, cpu::GRAIN * segments / std::max<int64_t>(total, 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ranger_step_cpu", [&] {
     using T = typename MathType<scalar_t>::type;
     const RangerScalars<T> c = ranger_scalars<T>(scalars);
     dispatch_ranger(rectified, sync, [&](auto rect, auto syn) {
       constexpr bool R = decltype(rect)::value, S = decltype(syn)::value;
-      at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) {
+      at::parallel_for(0, offsets.back(), cpu::GRAIN, [&](int64_t begin, int64_t end) {
+        // This task takes the segments that start in [begin, end).
+        auto first = std::lower_bound(offsets.begin(), offsets.end() - 1, begin) - offsets.begin();
+        for (int64_t s = first; s < segments && offsets[s] < end; ++s) {
           const int64_t* r = rows + s * PLAN_COLUMNS;
           const int64_t t = r[PLAN_TENSOR], start = r[PLAN_START], n = r[PLAN_LENGTH];
           scalar_t* p = params[t].mutable_data_ptr<scalar_t>() + start;
