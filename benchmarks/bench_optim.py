@@ -6,7 +6,7 @@ ResNet-18 and ResNet-50, with and without Accuracy Booster Plus (fer_kernels.mod
     python benchmarks/bench_optim.py [--device cpu|cuda] [--quick] [--dtypes float32,bfloat16]
 
 A step's time is the mean over a whole Lookahead cycle (k = 6 steps, one of which syncs), median over
-cycles. Bytes: the floor of a step, per parameter: read p, g, m, v and write p, m, v, plus one more read of
+cycles; the variants take turns cycle by cycle. Bytes: the floor of a step, per parameter: read p, g, m, v and write p, m, v, plus one more read of
 a centralized gradient (for its row mean) and, once per cycle, the slow copy read and written.
 "Dispatches" counts the ATen operations one step runs (through a TorchDispatchMode; the fused step's own
 kernel is one call outside the dispatcher, plus its table uploads on cuda) and, on cuda, the kernels it
@@ -67,20 +67,23 @@ def variants(device_type, params_of):
     return out
 
 
-def time_step(step, device, cycles) -> float:
-    """Median over `cycles` Lookahead cycles of the mean ms per step."""
-    for _ in range(K):
-        step()  # warm-up: state, plans, Triton compilation
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(cycles):
-        sync()
-        start = time.perf_counter()
+def time_steps(steps: dict, device, cycles) -> dict:
+    """Median over `cycles` Lookahead cycles of the mean ms per step, for each step function. The variants
+    take turns cycle by cycle, so that a slow spell of a shared machine hits them all alike."""
+    for step in steps.values():
         for _ in range(K):
-            step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3 / K)
-    return statistics.median(times)
+            step()  # warm-up: state, plans, Triton compilation
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {name: [] for name in steps}
+    for _ in range(cycles):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(K):
+                step()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3 / K)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class _Count(TorchDispatchMode):
@@ -110,10 +113,11 @@ def dispatches(step, device) -> dict:
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
     device = common.setup(args.device)
-    cycles = 2 if args.quick else (10 if device.type == "cuda" else 6)
+    cycles = 2 if args.quick else 10
     sets = [("resnet18", None), ("resnet18", "plus")] + ([] if args.quick else [("resnet50", None), ("resnet50", "plus")])
     results = common.Results("optim", device, args, notes=[
-        f"median over {cycles} Lookahead cycles (k = {K}) of the mean time per step; grads fixed random",
+        f"median over {cycles} Lookahead cycles (k = {K}) of the mean time per step, the variants taking turns "
+        "cycle by cycle; grads fixed random",
         "bytes_moved: per step, averaged over a cycle: read p, g, m, v, write p, m, v; one more read of each "
         "centralized gradient; the slow copy read and written once per cycle (state float32)",
         "composed: torch.optim.RAdam(foreach=True) + GC in Python + fer_kernels.optim.Lookahead (foreach); "
@@ -128,7 +132,7 @@ def main():
             count, nbytes = sum(p.numel() for p in probe), byte_floor(probe)
             del probe
             steps = variants(device.type, lambda: parameters(model_name, booster, device, dtype))
-            times = {name: time_step(step, device, cycles) for name, step in steps.items()}
+            times = time_steps(steps, device, cycles)
             details = {name: dispatches(step, device) for name, step in steps.items()}
             case = {"model": f"{model_name}{'+abp' if booster else ''}", "parameters": count, "dtype": dtype_name,
                     "floor_ms": nbytes / (results.copy_gbps * 1e6)}

@@ -11,6 +11,7 @@ a low fraction of copy bandwidth there is not by itself a memory-access problem.
 
     python benchmarks/common.py benchmarks/results/*.json              prints the summary of results files
     python benchmarks/common.py --markdown benchmarks/results/*.json   the README's table (fwd+bwd rows)
+    python benchmarks/common.py --markdown-optim benchmarks/results/*-optim.json   the optimizer table
 """
 
 from __future__ import annotations
@@ -456,6 +457,24 @@ def summarize(paths: list[str]) -> None:
             print(f"  {' '.join(group):<26} {'; '.join(parts)}  [{len(rows)} shapes]")
 
 
+def markdown_optim(paths: list[str]) -> None:
+    """The README's optimizer table: one row per parameter set, figures as the files hold them."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    docs = [d for d in docs if d["what"] == "optim"]
+    if not docs:
+        return
+    names = list(docs[0]["rows"][0]["variants"])
+    print(f"| parameters | device | floor | {' | '.join(names)} | fused at floor x |")
+    print("|---" * (len(names) + 4) + "|")
+    for doc in docs:
+        for row in doc["rows"]:
+            fused = next(n for n in names if n.startswith("fused"))
+            times = " | ".join(f"{row['variants'][n]['median_ms']:.2f} ms" for n in names)
+            print(f"| {row['model']} ({row['parameters'] / 1e6:.1f}M, {row['dtype']}) | {doc['device']}, "
+                  f"{doc.get('threads') or 1} threads | {row['floor_ms']:.2f} ms | {times} | "
+                  f"{row['variants'][fused]['median_ms'] / row['floor_ms']:.2f} |")
+
+
 def markdown(paths: list[str], pass_: str = "fwd+bwd") -> None:
     """The README's performance table: one row per case of `pass_`, figures as the files hold them."""
     print(f"| op | device | shape | dtype | layout | {pass_} fused | eager | torch.compile | fused vs eager | "
@@ -479,5 +498,7 @@ def markdown(paths: list[str], pass_: str = "fwd+bwd") -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--markdown"]:
         markdown(sys.argv[2:])
+    elif sys.argv[1:2] == ["--markdown-optim"]:
+        markdown_optim(sys.argv[2:])
     else:
         summarize(sys.argv[1:])
