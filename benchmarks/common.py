@@ -127,7 +127,8 @@ def _git_commit() -> Optional[str]:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return None
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        # results files are rewritten by the runs themselves: they do not make the code dirty
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results").stdout.strip()
         return head.stdout.strip() + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
