@@ -3,7 +3,8 @@
 Each op computes in the dtype it is given, op by op, as eager PyTorch would. The tests run it in float64
 for the "true" value and in the low-precision dtype for the error that plain PyTorch itself makes; the
 "reference" backend (fer_kernels/_backends.py) runs it in float32 for half-precision inputs. The
-optimizer step (ranger_step) always computes in float64.
+optimizer step (ranger_step) always computes in float64, the augmentation (augment) in the dtype it is
+asked for (float64 for the specification).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "centralize_gradient", "mish", "mish_backward", "radam_rectifier", "ranger_step",
-           "recalibrate", "recalibrate_backward"]
+__all__ = ["ACTIVATIONS", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "centralize_gradient", "fmix_mix", "mish",
+           "mish_backward", "radam_rectifier", "ranger_step", "recalibrate", "recalibrate_backward", "rgb_to_grey",
+           "shift_hue"]
 
 ACTIVATIONS = ("mish", "relu", "none")
 
@@ -140,3 +142,91 @@ def ranger_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: flo
     state["exp_avg"].copy_(m)
     state["exp_avg_sq"].copy_(v)
     param.detach().copy_(p)
+
+
+# --------------------------------------------------------------------------------------------------- FMix
+
+def fmix_mix(x: torch.Tensor, mask: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """FMix's mix (SPEC section 5): out = m * x + (1 - m) * x[perm], the mask broadcast over the channels.
+
+    x: N x C x H x W; mask: H x W (one mask for the whole batch, the official mode) or N x H x W (one per
+    sample), values in [0, 1] (FMix's masks are binary); perm: N indices into the batch, normally a
+    permutation. Floating x computes in x's dtype (the mask cast to it); integer x (uint8 images) computes
+    in float32 and rounds half up, which for a binary mask is an exact selection.
+    """
+    m = mask[:, None] if mask.dim() == 3 else mask
+    if x.is_floating_point():
+        m = m.to(x.dtype)
+        return m * x + (1 - m) * x[perm]
+    m = m.float()
+    return torch.floor(m * x + (1 - m) * x[perm] + 0.5).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def rgb_to_grey(rgb: torch.Tensor) -> torch.Tensor:
+    """Luma with torchvision's rgb_to_grayscale weights (ITU-R 601, 0.299 as torchvision has it, 0.2989);
+    rgb is 3 x ... in [0, 1]."""
+    return 0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def shift_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotates the hue of rgb (3 x ... in [0, 1]) by `shift` of the hue circle, through HSV as torchvision's
+    adjust_hue does."""
+    r, g, b = rgb[0], rgb[1], rgb[2]
+    maxc, minc = rgb.max(0).values, rgb.min(0).values
+    chroma = maxc - minc
+    s = torch.where(maxc > 0, chroma / torch.where(maxc > 0, maxc, 1), 0)
+    safe = torch.where(chroma > 0, chroma, 1)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
+    h = torch.where(chroma > 0, h / 6, 0)
+    h = torch.remainder(h + shift, 1.0)
+    v = maxc
+    i = torch.floor(h * 6)
+    f = h * 6 - i
+    i = torch.remainder(i, 6)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    pick = lambda *c: torch.where(i == 0, c[0], torch.where(i == 1, c[1], torch.where(i == 2, c[2], torch.where(  # noqa: E731
+        i == 3, c[3], torch.where(i == 4, c[4], c[5])))))
+    return torch.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)])
+
+
+def augment(image: torch.Tensor, matrix: torch.Tensor, colour: torch.Tensor, out_size: int,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """One image of the fused augmentation (fer_kernels.augment) in plain PyTorch: the specification (in
+    float64; fer_kernels.augment runs it in float32 for CPU tensors).
+
+    image: uint8 C x H x W (C = 1 or 3), already cut to the face box. matrix: 2 x 3, maps an output pixel
+    (column u, row v) to the source position x = m00 u + m01 v + m02, y = m10 u + m11 v + m12 in pixel
+    index coordinates (pixel i covers [i - 0.5, i + 0.5]); outside the image the source is mirrored about
+    its edges, then sampled bilinearly. colour: brightness, contrast, saturation, hue shift, each applied
+    in that order to the sampled RGB in [0, 1] and clamped to [0, 1]; contrast blends with the mean grey
+    of the whole source image after brightness. Returns 3 x out_size x out_size, normalised by mean/std.
+    """
+    src = image.to(dtype) / 255.0
+    if src.shape[0] == 1:
+        src = src.expand(3, -1, -1)
+    _, h, w = src.shape
+    v, u = torch.meshgrid(torch.arange(out_size, dtype=dtype), torch.arange(out_size, dtype=dtype), indexing="ij")
+    m = matrix.to(dtype)
+    x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
+    y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
+    # grid_sample's reflection padding with align_corners=False mirrors about the pixel edges -0.5 and
+    # size - 0.5, then clamps: the "symmetric" border of SPEC section 6.
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)[None]
+    rgb = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
+    brightness, contrast, saturation, hue = (float(c) for c in colour)
+    rgb = (rgb * brightness).clamp(0, 1)
+    grey_mean = (rgb_to_grey(src).mean() * brightness).clamp(0, 1)
+    rgb = (grey_mean + contrast * (rgb - grey_mean)).clamp(0, 1)
+    grey = rgb_to_grey(rgb)
+    rgb = (grey + saturation * (rgb - grey)).clamp(0, 1)
+    rgb = shift_hue(rgb, hue).clamp(0, 1)
+    mean_t = torch.tensor(mean, dtype=dtype)[:, None, None]
+    std_t = torch.tensor(std, dtype=dtype)[:, None, None]
+    return (rgb - mean_t) / std_t
