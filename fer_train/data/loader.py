@@ -1,0 +1,90 @@
+"""build_loader: the one entry point from data sets to augmented, normalised (and FMix-mixed) batches on
+the device, through NVIDIA DALI where it is installed and through the PyTorch pipeline elsewhere."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fer_kernels.augment import AugmentConfig
+from fer_train.data.dali_pipeline import DaliPipeline, dali_available
+from fer_train.data.torch_pipeline import TorchPipeline
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+class MixedTargets(NamedTuple):
+    """Targets of an FMix batch: the loss is lam * CE(out, targets) + (1 - lam) * CE(out, targets_perm)
+    (fer_kernels.fmix.fmix_loss); lam is a scalar, or one value per sample in the per-sample mode."""
+
+    targets: torch.Tensor
+    targets_perm: torch.Tensor
+    lam: torch.Tensor
+
+
+class Loader:
+    """Iterates one epoch of (images, targets) per `for` loop; state_dict() / load_state_dict() hold the
+    position (epoch, batch) so a resumed run reads what it would have read."""
+
+    def __init__(self, pipeline, fmix, seed: int):
+        self.pipeline, self.fmix, self.seed = pipeline, fmix, seed
+        self.backend = "dali" if isinstance(pipeline, DaliPipeline) else "torch"
+
+    def __len__(self) -> int:
+        return len(self.pipeline)
+
+    @property
+    def epoch(self) -> int:
+        return self.pipeline.epoch
+
+    def __iter__(self):
+        for images, targets in self.pipeline:
+            if self.fmix is not None:
+                # one generator per batch, seeded by (seed, epoch, batch): mixing is reproducible and resumable
+                generator = torch.Generator(device=images.device).manual_seed(
+                    (self.seed * 1_000_003 + self.pipeline.epoch) * 1_000_003 + self.pipeline.position)
+                images, targets, targets_perm, lam = self.fmix(images, targets, generator=generator)
+                targets = MixedTargets(targets, targets_perm, lam)
+            yield images, targets
+
+    def state_dict(self) -> dict:
+        return self.pipeline.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pipeline.load_state_dict(state)
+
+
+def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, device=None, backend: str = "auto",
+                 fmix=None, seed: int = 0, *, rank: int = 0, world: int = 1, num_workers: int = 2,
+                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 config: AugmentConfig | None = None) -> Loader:
+    """Batches of (images N x 3 x image_size x image_size on `device`, targets) from one data set or a list
+    of them (combined into one training set).
+
+    train: shuffle (seeded by (seed, epoch)), the random augmentation of SPEC section 6 and FMix; else
+    the evaluation transform in order, every sample once. backend: "dali" (NVIDIA DALI; decode on the
+    GPU when device is CUDA), "torch" (torchvision decode and the fused augmentation kernel), or "auto"
+    (DALI when it is installed). fmix: None, or a callable (images, targets, generator=...) -> (images,
+    targets, targets_perm, lam), e.g. fer_kernels.fmix.FMix(); training batches then carry MixedTargets.
+    rank / world: this process's shard of every epoch (distinct samples per rank). Targets are class
+    indices (int64), or N x 8 probabilities when a set has soft targets.
+    """
+    from fer_train.data.datasets import CombinedDataset
+
+    if backend not in BACKENDS:
+        raise ValueError(f"build_loader: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "dali" and not dali_available():
+        raise ValueError("build_loader: backend='dali' but nvidia.dali cannot be imported; pip install "
+                         "nvidia-dali-cuda130, or use backend='torch'")
+    if isinstance(datasets, (list, tuple)):
+        datasets = datasets[0] if len(datasets) == 1 else CombinedDataset(list(datasets))
+    if len(datasets) == 0:
+        raise ValueError("build_loader: the data set is empty")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = config or AugmentConfig(out_size=image_size, resize=round(image_size * 256 / 224))
+    use_dali = backend == "dali" or (backend == "auto" and dali_available())
+    kind = DaliPipeline if use_dali else TorchPipeline
+    pipeline = kind(datasets, batch_size, train, device, config=config, seed=seed, rank=rank, world=world,
+                    num_workers=num_workers, out_dtype=out_dtype, channels_last=channels_last)
+    return Loader(pipeline, fmix if train else None, seed)

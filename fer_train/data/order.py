@@ -1,0 +1,45 @@
+"""Which samples each rank reads, batch by batch, in each epoch: shared by the DALI and the PyTorch
+pipelines so both read the same samples in the same order and a resumed run continues where it left."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EpochOrder:
+    """Training: a permutation of the data set drawn from (seed, epoch); evaluation: the data set in order.
+    The order is cut into `world` interleaved shards, one per rank, so no sample is read twice in an
+    epoch. Training drops the tail that would not fill a batch on every rank (each rank gets the same
+    number of full batches, as DDP needs); evaluation keeps everything, the last batch may be short and
+    ranks may differ by one batch."""
+
+    def __init__(self, size: int, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        if train and size < batch_size * world:
+            raise ValueError(f"the training set has {size} samples, fewer than one batch of {batch_size} on each of "
+                             f"{world} ranks")
+        self.size, self.batch_size, self.train = size, batch_size, train
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for `epoch`, in reading order."""
+        if self.train:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            order = torch.randperm(self.size, generator=generator)
+            return order[self.rank::self.world][:self._per_rank()]
+        return torch.arange(self.rank, self.size, self.world)
+
+    def _per_rank(self) -> int:
+        if self.train:
+            return self.size // (self.batch_size * self.world) * self.batch_size
+        return len(range(self.rank, self.size, self.world))
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        return list(torch.split(self.indices(epoch), self.batch_size))
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return -(-self._per_rank() // self.batch_size)
