@@ -11,8 +11,7 @@ On the CPU (device_id=None) the graph is all DALI: decode; the colour jitter as 
 pixel's RGB at the source's resolution (48 x 48 for FERPlus: 20x fewer pixels than the output, which
 made colour 4x cheaper than DALI's hsv after the warp, measured); warp_perspective with a "reflect"
 border; crop_mirror_normalize. The linear map composes brightness, contrast about the mean grey,
-saturation and a hue rotation about the grey axis, clamping once at the end, and takes the contrast's
-mean grey from the whole source rather than the crop: it departs from the specification
+saturation and a hue rotation about the grey axis, clamping once at the end: it departs from the specification
 (fer_kernels.reference.augment: HSV hue, a clamp after each step) by about 0.026 of the [0, 1] range on
 average at the largest hue shift, less on the pale colours of faces. On a GPU, DALI decodes on the device (nvJPEG,
 "mixed") and the fused kernel of fer_kernels.augment does the rest exactly.
@@ -78,6 +77,11 @@ class _BatchSource:
         self._epoch, self._batches = None, None
 
     def __call__(self, info):
+        # A worker process's small tensor ops (sample parameters, drawn synthetic faces) run 20x slower with
+        # two OpenMP threads beside busy neighbours (measured: 42 against 800 faces/s); DataLoader workers
+        # get one thread by default, DALI's do not.
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
         epoch = self.first_epoch + info.epoch_idx
         position = info.iteration + (self.first_position if info.epoch_idx == 0 else 0)
         if epoch != self._epoch:

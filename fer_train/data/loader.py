@@ -41,9 +41,11 @@ class Loader:
     def __iter__(self):
         for images, targets in self.pipeline:
             if self.fmix is not None:
-                # one generator per batch, seeded by (seed, epoch, batch): mixing is reproducible and resumable
+                # one generator per batch, seeded by (seed, epoch, the batch's place in the epoch's order across
+                # ranks): mixing is reproducible, resumable, and the same for a batch however many ranks read
+                order, batch = self.pipeline.order, self.pipeline.position - 1  # position: the next batch
                 generator = torch.Generator(device=images.device).manual_seed(
-                    (self.seed * 1_000_003 + self.pipeline.epoch) * 1_000_003 + self.pipeline.position)
+                    (self.seed * 1_000_003 + self.pipeline.epoch) * 1_000_003 + batch * order.world + order.rank)
                 images, targets, targets_perm, lam = self.fmix(images, targets, generator=generator)
                 targets = MixedTargets(targets, targets_perm, lam)
             yield images, targets

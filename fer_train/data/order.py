@@ -7,11 +7,13 @@ import torch
 
 
 class EpochOrder:
-    """Training: a permutation of the data set drawn from (seed, epoch); evaluation: the data set in order.
-    The order is cut into `world` interleaved shards, one per rank, so no sample is read twice in an
-    epoch. Training drops the tail that would not fill a batch on every rank (each rank gets the same
-    number of full batches, as DDP needs); evaluation keeps everything, the last batch may be short and
-    ranks may differ by one batch."""
+    """Training: a permutation of the data set drawn from (seed, epoch), cut into batches dealt to the ranks
+    in turn (batch q of rank r is batch q * world + r of the permutation), so no sample is read twice in
+    an epoch and `world` processes read the micro-batches one process reads with `world`-fold gradient
+    accumulation: DDP gives the same steps. Training drops the tail that would not fill a batch on every
+    rank (each rank gets the same number of full batches, as DDP needs). Evaluation: the data set in order,
+    dealt sample by sample; everything is read, the last batch may be short and ranks may differ by one
+    batch."""
 
     def __init__(self, size: int, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1):
         if batch_size < 1:
@@ -29,7 +31,9 @@ class EpochOrder:
         if self.train:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
             order = torch.randperm(self.size, generator=generator)
-            return order[self.rank::self.world][:self._per_rank()]
+            rounds = self._per_rank() // self.batch_size
+            dealt = order[:rounds * self.world * self.batch_size].view(rounds, self.world, self.batch_size)
+            return dealt[:, self.rank].reshape(-1)
         return torch.arange(self.rank, self.size, self.world)
 
     def _per_rank(self) -> int:
