@@ -1,7 +1,7 @@
-"""python -m fer_train: for now, the installation self-check (fer_train/selfcheck.py)."""
+"""python -m fer_train: the command line (fer_train/cli.py)."""
 
 import sys
 
-from fer_train.selfcheck import main
+from fer_train.cli import main
 
 sys.exit(main())

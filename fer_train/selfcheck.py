@@ -91,9 +91,9 @@ def _check_training(device, steps):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fer_train",
-                                     description="Self-check of fer-kernels on this machine (the training engine "
-                                                 "comes with a later release).")
+    parser = argparse.ArgumentParser(prog="python -m fer_train selfcheck",
+                                     description="Self-check of fer-kernels on this machine: ops against the "
+                                                 "reference, fused against unfused model, a short training.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to check (default: cuda if available, else cpu)")
     parser.add_argument("--steps", type=int, default=15, help="training steps of the last check (default 15)")

@@ -1,0 +1,202 @@
+"""`python -m fer_train [train | evaluate | predict | presets | selfcheck] ...`; no subcommand: train the
+default preset (ResNet-18 + Mish + ABP on the built-in synthetic faces) and report its test results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+from fer_train.config import DATASETS, PRESETS, ConfigError, build_config, parse_overrides
+
+_SHORTCUTS = {  # flag -> config key, for what is set most often
+    "steps": "train.steps", "batch_size": "train.batch_size", "micro_batch": "train.micro_batch",
+    "lr": "optim.lr", "optimizer": "optim.name", "arch": "model.arch", "device": "train.device",
+    "amp": "train.amp", "image_size": "data.image_size", "backend": "data.backend", "workers": "data.workers",
+    "eval_every": "train.eval_every", "seed": "train.seed", "out": "train.out",
+}
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    for name in DATASETS:
+        parser.add_argument(f"--{name.replace('_', '-')}", metavar="DIR", dest=name,
+                            help=f"the {name} folder (its on-disk layout: SPEC section 7)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fer_train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+
+    train = commands.add_parser("train", help="train a model (the default command)",
+                                description="Train with a preset, a config file (TOML or YAML: sections data, model, "
+                                            "optim, train) and overrides, in that order of precedence. Under "
+                                            "torchrun every process trains one shard (DDP).")
+    train.add_argument("--preset", default="default", help="one of `python -m fer_train presets` (default: default)")
+    train.add_argument("--config", metavar="FILE", help="a .toml / .yaml file of settings")
+    _data_flags(train)
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="any setting, e.g. --set optim.betas=0.9,0.98 --set data.class_weights=eq4")
+    for flag, key in _SHORTCUTS.items():
+        train.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar=key.split(".")[1].upper(),
+                           help=f"sets {key}")
+    train.add_argument("--compile", action="store_true", default=None, help="sets train.compile (torch.compile)")
+    train.add_argument("--resume", metavar="RUN_OR_CHECKPOINT",
+                       help="continue a run from its last.pt (or the given .pt) with its settings; --set and the "
+                            "flags above still apply, e.g. --steps to train longer")
+    train.add_argument("--stop-after", type=int, metavar="N",
+                       help="stop with a checkpoint after N steps of this session (to split a run)")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint: accuracy and confusion matrices",
+                                   description="Evaluate a checkpoint on the test splits of the given data sets (the "
+                                               "run's own when none is given; --synthetic for the built-in set).")
+    evaluate.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt, else last.pt)")
+    _data_flags(evaluate)
+    evaluate.add_argument("--synthetic", action="store_true", help="the built-in synthetic set's test split")
+    evaluate.add_argument("--out", metavar="DIR", help="where the CSV / PNG / summary go (default: beside the "
+                                                       "checkpoint, in eval-<time>/)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--backend", default=None, help="data.backend: auto, dali or torch")
+
+    predict = commands.add_parser("predict", help="classify images: classes and probabilities as JSON or CSV")
+    predict.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt, else last.pt)")
+    predict.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    predict.add_argument("--output", "-o", default="-", help="a .json or .csv file; - for JSON on stdout")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=int, default=64)
+
+    commands.add_parser("presets", help="list the presets (the paper's runs)")
+    commands.add_parser("selfcheck", help="check this installation: kernels against the reference, a short training")
+    return parser
+
+
+def _overrides(args) -> dict:
+    items = list(args.set)
+    items += [f"{key}={getattr(args, flag)}" for flag, key in _SHORTCUTS.items() if getattr(args, flag) is not None]
+    items += [f"data.{name}={getattr(args, name)}" for name in DATASETS if getattr(args, name) is not None]
+    if args.compile:
+        items.append("train.compile=true")
+    return parse_overrides(items)
+
+
+def _run_dir(config) -> Path:
+    if config.train.out:
+        return Path(config.train.out)
+    return Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
+
+
+def train(args) -> int:
+    from fer_train import checkpoint
+    from fer_train.engine import NonFiniteLoss, Trainer
+
+    overrides = _overrides(args)
+    resume = None
+    if args.resume:
+        resume = checkpoint.load(args.resume)
+        saved = {k: v for k, v in resume["config"].items() if isinstance(v, dict)}
+        for section, values in overrides.items():
+            saved.setdefault(section, {}).update(values)
+        config = build_config(resume["config"]["preset"], overrides=saved)
+        run_dir = Path(resume["path"]).parent
+    else:
+        config = build_config(args.preset, args.config, overrides)
+        run_dir = _run_dir(config)
+    try:
+        outcome = Trainer(config, run_dir, resume=resume, stop_after=args.stop_after).fit()
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    if outcome["stopped"] in ("SIGTERM", "SIGINT"):
+        return 128 + {"SIGTERM": 15, "SIGINT": 2}[outcome["stopped"]]
+    return 0
+
+
+def _checkpoint_path(path: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        return path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    return path
+
+
+def _device(spec: str):
+    import torch
+    return torch.device("cuda" if spec == "auto" and torch.cuda.is_available() else ("cpu" if spec == "auto" else spec))
+
+
+def evaluate(args) -> int:
+    from fer_train import checkpoint
+    from fer_train.data import build_loader
+    from fer_train.engine import open_run_data
+    from fer_train.evaluation import evaluate as run_evaluation, summary_table, write_confusion
+
+    path = _checkpoint_path(args.checkpoint)
+    device = _device(args.device)
+    model, config = checkpoint.load_model(path, device)
+    given = {name: getattr(args, name) for name in DATASETS if getattr(args, name)}
+    if given or args.synthetic:
+        for name in DATASETS:
+            setattr(config.data, name, given.get(name))
+    if args.backend:
+        config.data.backend = args.backend
+    data = open_run_data(config)
+    out = Path(args.out) if args.out else path.parent / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, dataset in data.test.items():
+        loader = build_loader(dataset, args.batch_size, False, config.data.image_size, device, config.data.backend,
+                              num_workers=config.data.workers, channels_last=config.train.channels_last)
+        results.append(run_evaluation(model, loader, name, device=device, channels_last=config.train.channels_last))
+        write_confusion(results[-1], out)
+    table = summary_table(results)
+    (out / "summary.md").write_text(f"# {path}: test results\n\n{table}\n")
+    print(f"{path}, step {checkpoint.load(path)['step']}:\n{table}")
+    print(f"confusion matrices and summary: {out}")
+    return 0
+
+
+def predict(args) -> int:
+    from fer_train import checkpoint
+    from fer_train.predict import collect_images, predict as run_prediction, write_predictions
+
+    device = _device(args.device)
+    model, config = checkpoint.load_model(_checkpoint_path(args.checkpoint), device)
+    paths = collect_images(args.inputs)
+    rows = run_prediction(model, paths, image_size=config.data.image_size, device=device, batch_size=args.batch_size,
+                          channels_last=config.train.channels_last)
+    write_predictions(rows, args.output)
+    if args.output != "-":
+        print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def presets() -> int:
+    width = max(map(len, PRESETS))
+    for name, (description, _) in PRESETS.items():
+        print(f"{name:<{width}}  {description}")
+    print("\nThe table presets set the model, optimizer and class weights of the paper's rows; give the data "
+          "with --affectnet / --ferplus / --rafdb / --facial-expressions.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["train", *argv]
+    if argv[0] == "selfcheck":  # its own flags
+        from fer_train.selfcheck import main as selfcheck
+        return selfcheck(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return train(args)
+        if args.command == "evaluate":
+            return evaluate(args)
+        if args.command == "predict":
+            return predict(args)
+        return presets()
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # bad settings, paths and data: one line naming what is wrong, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2

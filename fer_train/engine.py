@@ -1,0 +1,433 @@
+"""The training engine: the paper's recipe (SPEC sections 3-8) as a step-based loop.
+
+Per optimizer step: `accumulation` micro-batches per process, each FMix-mixed by the loader, through the
+model under autocast, the class-weighted FMix loss backward (DDP averages the gradients across processes
+on the last micro-batch only); then one optimizer step (GradScaler's with fp16) at the learning rate of
+the flat-then-cosine schedule. Every eval_every steps: evaluation on the selection set (mixed-val, or the
+one validation split) and on each set's validation split, and best.pt when the selection accuracy
+improves; every checkpoint_every steps and at the end: last.pt. At the end the best model is evaluated on
+every test split given, with confusion matrices (CSV, PNG) and a summary table.
+
+Resuming restores the model, the optimizer (Lookahead's slow weights included), the scaler, the step, the
+data position and the RNG states: the data order and every augmentation and FMix draw depend on (seed,
+epoch, batch, sample) only, so a resumed run computes the same steps as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fer_kernels.fmix import FMix, fmix_loss
+from fer_train import checkpoint
+from fer_train.config import DATASETS, ConfigError, ModelConfig, OptimConfig, RunConfig
+from fer_train.data import CombinedDataset, MixedTargets, build_loader, class_weights, mixed_split, open_dataset
+from fer_train.runlog import RunLog
+
+# Each set's splits (SPEC sections 7-8): the one watched during training, the ones reported at the end, and
+# the ones pooled into the mixed evaluation. RAF-DB has no validation split: it is seen during training
+# only through mixed-val; facial_expressions is training data only.
+VALIDATION = {"affectnet": "val", "ferplus": "valid", "synthetic": "val"}
+TEST = {"affectnet": ("val",), "ferplus": ("valid", "test"), "rafdb": ("test",), "synthetic": ("test",)}
+MIXED_POOL = {"affectnet": ("val",), "ferplus": ("valid", "test"), "rafdb": ("test",)}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Distributed:
+    """torchrun's environment -> the process group (NCCL on GPUs, gloo on CPUs); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(spec: str, distributed: Distributed) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={spec} but this machine has no CUDA GPU")
+        device = torch.device("cuda", device.index if device.index is not None else distributed.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of train.amp; auto: bf16 on GPUs that have it, fp16 on older ones, none on CPUs
+    (CPU autocast is slower than float32 for these convolutions)."""
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+
+
+def build_model(config: ModelConfig, pretrained: bool = True) -> torch.nn.Module:
+    from fer_kernels.models import resnet18, resnet50
+
+    weights = None
+    if pretrained and config.pretrained == "imagenet":
+        import torchvision.models as tvm
+        weights = (tvm.ResNet18_Weights if config.arch == "resnet18" else tvm.ResNet50_Weights).IMAGENET1K_V1
+    elif pretrained and config.pretrained is not None:
+        weights = config.pretrained
+    builder = resnet18 if config.arch == "resnet18" else resnet50
+    return builder(num_classes=8, act=config.act, booster=config.booster, fused=config.fused, weights=weights)
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    from fer_kernels.optim import GCRAdam, Ranger
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    common = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay,
+                  gc=config.gc)
+    if config.name == "radam":
+        return GCRAdam(params, **common)
+    return Ranger(params, k=config.k, alpha=config.alpha, **common)
+
+
+def lr_factor(step: int, total: int, schedule: str, flat_fraction: float) -> float:
+    """The learning rate of step `step` (0-based) over the configured one: flat for flat_fraction of the
+    run, then half a cosine down to 0 at the last step (the authors' schedule); or cosine from the start,
+    or constant."""
+    if schedule == "constant":
+        return 1.0
+    flat = int(total * flat_fraction) if schedule == "flat_cosine" else 0
+    if step < flat:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - flat) / max(total - flat, 1)))
+
+
+@dataclass
+class RunData:
+    """The training set and the evaluation sets of a run, opened and checked before training starts."""
+
+    train: object
+    selection: tuple[str, object] | None  # (name, data set) whose accuracy picks best.pt
+    validation: dict[str, object] = field(default_factory=dict)  # evaluated every eval_every steps
+    test: dict[str, object] = field(default_factory=dict)  # evaluated with the best model at the end
+
+
+def _open(name: str, root, split: str, config) -> object:
+    d = config.data
+    if name == "synthetic":
+        length = d.synthetic_length if split == "train" else d.synthetic_eval_length
+        return open_dataset("synthetic", None, split, size=d.synthetic_size, length=length, on_error=d.on_error)
+    options = {"label_mode": d.ferplus_label_mode} if name == "ferplus" else {}
+    return open_dataset(name, root, split, on_error=d.on_error, **options)
+
+
+def _has_split(root: Path, name: str, split: str) -> bool:
+    """Whether a test or validation split is on disk (FERPlus copies often lack FER2013Test)."""
+    if name == "ferplus":
+        return (root / {"valid": "FER2013Valid", "test": "FER2013Test"}[split] / "label.csv").is_file()
+    return True
+
+
+def open_run_data(config: RunConfig) -> RunData:
+    """The configured sets (or the synthetic one), their evaluation splits and the mixed split."""
+    roots = {name: Path(getattr(config.data, name)) for name in DATASETS if getattr(config.data, name)}
+    if not roots:
+        roots = {"synthetic": None}
+    parts = [_open(name, root, "train", config) for name, root in roots.items()]
+    train = parts[0] if len(parts) == 1 else CombinedDataset(parts)
+    data = RunData(train, None)
+    splits = {(name, split) for name in roots for split in TEST.get(name, ()) + ((VALIDATION[name],) if name in
+                                                                                 VALIDATION else ())}
+    opened = {(name, split): _open(name, roots[name], split, config) for name, split in sorted(splits)
+              if roots[name] is None or _has_split(roots[name], name, split)}
+    for name in roots:
+        if (name, VALIDATION.get(name)) in opened:
+            data.validation[f"{name} {VALIDATION[name]}"] = opened[name, VALIDATION[name]]
+        for split in TEST.get(name, ()):
+            if (name, split) in opened:
+                data.test[f"{name} {split}"] = opened[name, split]
+    pooled = [opened[name, split] for name in roots for split in MIXED_POOL.get(name, ()) if (name, split) in opened]
+    if len({d.name for d in pooled}) > 1:  # the mixed evaluation needs sets to mix
+        mixed_val, mixed_test = mixed_split(pooled, config.data.split_seed)
+        data.validation = {"mixed val": mixed_val, **data.validation}
+        data.test = {"mixed test": mixed_test, **data.test}
+    if data.validation:
+        data.selection = next(iter(data.validation.items()))
+    return data
+
+
+class Trainer:
+    """One run: `Trainer(config, run_dir).fit()`; `resume` is a checkpoint dict (fer_train.checkpoint.load)."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, resume: dict | None = None, stop_after: int | None = None):
+        self.config, self.run_dir, self.stop_after = config, Path(run_dir), stop_after
+        t = config.train
+        self.dist = init_distributed("cuda" if t.device.startswith("cuda") or (
+            t.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = select_device(t.device, self.dist)
+        micro = t.micro_batch or t.batch_size // self.dist.world
+        if t.batch_size % (micro * self.dist.world):
+            raise ConfigError(f"train.batch_size {t.batch_size} is not a multiple of micro_batch {micro} x "
+                              f"{self.dist.world} processes")
+        if micro < 2:
+            raise ConfigError(f"each process needs at least 2 images per micro-batch (batch norm), got {micro}")
+        self.micro_batch, self.accumulation = micro, t.batch_size // (micro * self.dist.world)
+        self.amp_dtype = amp_dtype(t.amp, self.device)
+        if self.amp_dtype is not None and self.device.type == "cpu" and self.amp_dtype == torch.float16:
+            raise ConfigError("train.amp=fp16 needs a GPU; use bf16 or none on the CPU")
+        if t.compile and self.dist.world > 1 and self.device.type == "cpu":
+            raise ConfigError("train.compile with several CPU processes is not supported; drop one of them")
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.data = open_run_data(config)
+        self.model = build_model(config.model, pretrained=resume is None).to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.weights = class_weights(self.data.train.class_counts(), config.data.class_weights).to(self.device)
+        d = config.data
+        fmix = FMix(d.fmix_alpha, d.fmix_decay_power, d.fmix_per_sample) if d.fmix else None
+        self.loader = build_loader(self.data.train, micro, True, d.image_size, self.device, d.backend, fmix, t.seed,
+                                   rank=self.dist.rank, world=self.dist.world, num_workers=d.workers,
+                                   channels_last=t.channels_last)
+        self.step, self.best = 0, {"accuracy": -1.0, "step": None}
+        if resume is not None:
+            self._restore(resume)
+        self.net = self.model
+        if self.dist.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.net = torch.compile(self.net)
+        if self.dist.world > 1:  # every rank uses rank 0's run folder (a default name holds the start time)
+            shared = [str(self.run_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            self.run_dir = Path(shared[0])
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._eval_loaders: dict = {}
+        self.log = RunLog(self.run_dir if self.dist.main else None, t.steps)
+        self._stop_signal: str | None = None
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"config": self.config.to_dict(), "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "data": self.loader.state_dict(), "best": dict(self.best),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"])
+        self.step, self.best = int(state["step"]), dict(state["best"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save(self, name: str = "last.pt") -> Path | None:
+        if not self.dist.main:
+            return None
+        return checkpoint.save_atomic(self._state(), self.run_dir / name)
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def _batches(self):
+        while True:  # epoch after epoch; the loader keeps its own (epoch, position)
+            yield from self.loader
+
+    def _loss(self, logits: torch.Tensor, targets) -> torch.Tensor:
+        if isinstance(targets, MixedTargets):
+            return fmix_loss(logits, targets.targets, targets.targets_perm, targets.lam, self.weights)
+        return F.cross_entropy(logits.float(), targets, weight=self.weights)
+
+    def _train_step(self, batches) -> torch.Tensor:
+        """One optimizer step; returns the (detached) mean loss of its micro-batches."""
+        self.net.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            images, targets = next(batches)
+            last = micro == self.accumulation - 1
+            sync = contextlib.nullcontext() if last or self.dist.world == 1 else self.net.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = self._loss(self.net(images), targets) / self.accumulation
+            self.scaler.scale(loss).backward() if self.scaler.is_enabled() else loss.backward()
+            total += loss.detach()
+        factor = lr_factor(self.step, self.config.train.steps, self.config.optim.schedule,
+                           self.config.optim.flat_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.optim.lr * factor
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def _handle_signals(self):
+        """SIGTERM and the first Ctrl-C ask the loop to stop after the current step with a checkpoint; a
+        second Ctrl-C interrupts at once."""
+        def ask(signum, _frame):
+            if self._stop_signal == "SIGINT" and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            self.log.message(f"\n{self._stop_signal}: stopping after this step and saving a checkpoint "
+                             f"(Ctrl-C again to interrupt at once)")
+        previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    def _stop_requested(self, at_log_step: bool) -> bool:
+        if self.dist.world == 1:
+            return self._stop_signal is not None
+        if not at_log_step:  # ranks agree on stopping at log steps only: one collective per log interval
+            return False
+        flag = torch.tensor([self._stop_signal is not None], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fit(self) -> dict:
+        """Trains to train.steps (or stop_after steps of this session, or a signal); returns
+        {"stopped": None or the reason, "step": ..., "results": final test EvalResults, "best": ...}."""
+        t = self.config.train
+        self.log.message(self.describe())
+        restore_signals = self._handle_signals() if self._is_main_thread() else (lambda: None)
+        batches, stopped = self._batches(), None
+        session_start, window_start, window_steps = self.step, time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=self.device)
+        last_good = None
+        try:
+            while self.step < t.steps:
+                loss_sum += self._train_step(batches)
+                window_steps += 1
+                at_log = self.step % t.log_every == 0 or self.step == t.steps
+                if at_log or self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0:
+                    # checked before anything is saved, so a checkpoint never holds a diverged model
+                    mean_loss = float(loss_sum) / window_steps
+                    if not math.isfinite(mean_loss):
+                        raise NonFiniteLoss(
+                            f"the loss became {mean_loss} between steps {self.step - window_steps + 1} and "
+                            f"{self.step}; the last good checkpoint is {last_good or 'none (none was written yet)'}. "
+                            "Lower optim.lr, or use train.amp=bf16 / none if fp16 overflows.")
+                    elapsed = time.perf_counter() - window_start
+                    images = window_steps * t.batch_size
+                    if at_log:
+                        self.log.train(self.step, mean_loss, self.optimizer.param_groups[0]["lr"], images / elapsed,
+                                       elapsed / window_steps)
+                    loss_sum.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    self._validate()
+                    window_start = time.perf_counter()  # images/s counts training only
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    last_good = self.save()
+                    window_start = time.perf_counter()
+                if self._stop_requested(at_log):
+                    stopped = self._stop_signal
+                elif self.stop_after is not None and self.step - session_start >= self.stop_after:
+                    stopped = f"stop_after={self.stop_after}"
+                if stopped:
+                    last_good = self.save()
+                    self.log.message(f"stopped ({stopped}) at step {self.step}; checkpoint {last_good}; resume with "
+                                     f"`python -m fer_train train --resume {self.run_dir}`")
+                    break
+        finally:
+            restore_signals()
+        results = [] if stopped else self.final_evaluation()
+        self.log.close()
+        return {"stopped": stopped, "step": self.step, "results": results, "best": self.best}
+
+    @staticmethod
+    def _is_main_thread() -> bool:
+        import threading
+        return threading.current_thread() is threading.main_thread()
+
+    def describe(self) -> str:
+        c, d = self.config, self.data
+        sets = "\n".join("  " + line for line in d.train.report().splitlines())
+        return (f"run {self.run_dir} (preset {c.preset}) on {self.device}"
+                f"{f' x {self.dist.world} processes' if self.dist.world > 1 else ''}\n"
+                f"model {c.model.arch} act={c.model.act} booster={c.model.booster} fused={c.model.fused}; "
+                f"optimizer {c.optim.name} lr {c.optim.lr}; {c.train.steps} steps of {c.train.batch_size} "
+                f"({self.micro_batch} x {self.accumulation} accumulation x {self.dist.world} processes); "
+                f"amp {self.amp_dtype}; data backend {self.loader.backend}\n"
+                f"training data:\n{sets}\nclass weights ({c.data.class_weights}): "
+                f"{[round(w, 4) for w in self.weights.tolist()]}\n"
+                f"evaluation: {', '.join(self.data.validation) or 'none'}; best model by "
+                f"{self.data.selection[0] if self.data.selection else 'none (the last is kept)'}")
+
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    def _evaluate(self, name: str, dataset):
+        from fer_train.evaluation import evaluate
+
+        c = self.config
+        if name not in self._eval_loaders:  # built once: a DALI pipeline keeps its worker processes
+            self._eval_loaders[name] = build_loader(
+                dataset, max(c.train.eval_batch_size // self.dist.world, 1), False, c.data.image_size, self.device,
+                c.data.backend, rank=self.dist.rank, world=self.dist.world, num_workers=c.data.workers,
+                channels_last=c.train.channels_last)
+        return evaluate(self.model, self._eval_loaders[name], name, device=self.device, amp_dtype=self.amp_dtype,
+                        channels_last=c.train.channels_last)
+
+    def _validate(self) -> None:
+        for name, dataset in self.data.validation.items():
+            result = self._evaluate(name, dataset)
+            self.log.evaluation(self.step, result)
+            if self.data.selection and name == self.data.selection[0] and result.accuracy > self.best["accuracy"]:
+                self.best = {"accuracy": result.accuracy, "step": self.step}
+                self.save("best.pt")
+
+    def final_evaluation(self) -> list:
+        """The best model (or the last, without a selection set) on every test split; writes the reports."""
+        from fer_train.evaluation import summary_table, write_confusion
+
+        best = self.run_dir / "best.pt"
+        if self.data.selection and self.dist.world > 1:
+            dist.barrier()  # rank 0 wrote best.pt
+        if self.data.selection and best.is_file():
+            self.model.load_state_dict(checkpoint.load(best)["model"])
+        results = [self._evaluate(name, dataset) for name, dataset in self.data.test.items()]
+        if self.dist.main and results:
+            for result in results:
+                write_confusion(result, self.run_dir)
+            table = summary_table(results)
+            chosen = f"best.pt (step {self.best['step']})" if self.best["step"] is not None else "the last step"
+            (self.run_dir / "summary.md").write_text(f"# {self.run_dir.name}: test results of {chosen}\n\n{table}\n")
+            self.log.message(f"\ntest results of {chosen}:\n{table}")
+        self.log.message(f"run files: {self.run_dir}")
+        return results

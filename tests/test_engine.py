@@ -1,0 +1,239 @@
+"""fer_train's engine and command line, end to end on the CPU: the default command, learning, resume
+equivalence, evaluation files, DDP with gloo, signals, a diverging loss and the promised errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fer_train import checkpoint
+from fer_train.cli import main
+from fer_train.config import PRESETS, ConfigError, build_config, parse_overrides
+from fer_train.data import build_loader, open_dataset
+from fer_train.engine import Trainer, lr_factor
+from fer_train.evaluation import read_confusion
+
+ROOT = Path(__file__).resolve().parent.parent
+# small enough for seconds per run: 32 x 32 faces, 64 to train on, 40 per evaluation split, no workers
+TINY = ["--set", "data.image_size=32", "--set", "data.synthetic_size=32", "--set", "data.synthetic_length=64",
+        "--set", "data.synthetic_eval_length=40", "--set", "data.workers=0", "--set", "data.backend=torch",
+        "--set", "train.eval_batch_size=40", "--set", "train.log_every=1"]
+
+
+def _tiny_config(tmp_path: Path, **train) -> object:
+    overrides = parse_overrides(TINY[1::2])
+    overrides["train"].update({"steps": 6, "batch_size": 4, "eval_every": 100, "checkpoint_every": 100,
+                               "out": str(tmp_path), **train})
+    return build_config("default", overrides=overrides)
+
+
+def _same_parameters(a: dict, b: dict, atol: float = 0.0) -> None:
+    for key in a:
+        if "running" in key or "num_batches" in key:
+            continue
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def test_default_command_on_a_tiny_budget(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--steps", "4", "--batch-size", "8", "--eval-every", "2", "--out", str(run), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "step 4/4" in out and "test results of best.pt" in out and f"run files: {run}" in out
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.md", "confusion-synthetic-test.csv",
+                 "confusion-synthetic-test.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r and "eval" not in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r.get("eval") == "synthetic val"] == [2, 4]
+    assert checkpoint.load(run / "last.pt")["step"] == 4
+
+
+def test_training_on_the_synthetic_set_beats_chance(tmp_path):
+    """The paper's recipe (Ranger + GC, FMix, flat-then-cosine) on 48 x 48 drawn faces, 8 classes.
+    Measured: 0.xx test accuracy (chance 0.125)."""
+    overrides = parse_overrides(TINY[1::2] + ["data.image_size=48", "data.synthetic_size=48",
+                                              "data.synthetic_length=2000", "data.synthetic_eval_length=400",
+                                              "train.eval_batch_size=200", "train.log_every=50"])
+    overrides["train"].update(steps=120, batch_size=32, eval_every=120, checkpoint_every=120, out=str(tmp_path))
+    threads = torch.get_num_threads()
+    outcome = Trainer(build_config("default", overrides=overrides), tmp_path).fit()
+    torch.set_num_threads(threads)
+    accuracy = outcome["results"][0].accuracy
+    assert accuracy > 0.4, f"synthetic test accuracy {accuracy:.3f}"
+
+
+def test_resume_gives_the_same_run(tmp_path):
+    """6 steps straight = 3 steps + resume + 3 steps: parameters, Lookahead state and data position (with
+    gradient accumulation, FMix and a schedule that depends on the step)."""
+    straight = Trainer(_tiny_config(tmp_path / "a", micro_batch=2), tmp_path / "a")
+    straight.fit()
+    first = Trainer(_tiny_config(tmp_path / "b", micro_batch=2), tmp_path / "b", stop_after=3)
+    assert first.fit()["stopped"] == "stop_after=3"
+    state = checkpoint.load(tmp_path / "b" / "last.pt")
+    assert state["step"] == 3 and state["data"]["position"] == 6
+    second = Trainer(_tiny_config(tmp_path / "b", micro_batch=2), tmp_path / "b", resume=state)
+    second.fit()
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state_a, state_b = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys() and all("slow_buffer" in s for s in state_a.values())
+    for index, entries in state_a.items():  # moments, step counts and Lookahead's slow weights
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(state_b[index][k])) for k, v in entries.items())
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--steps", "4", "--batch-size", "4", "--stop-after", "2", "--out", str(run), *TINY]) == 0
+    assert "resume with" in capsys.readouterr().out
+    assert main(["train", "--resume", str(run)]) == 0
+    assert checkpoint.load(run / "last.pt")["step"] == 4
+
+
+def test_evaluation_files_agree_with_a_hand_computed_confusion_matrix(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--steps", "3", "--batch-size", "8", "--out", str(run), *TINY]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--synthetic", "--out", str(out), "--backend", "torch"]) == 0
+    assert "synthetic test" in capsys.readouterr().out
+    model, config = checkpoint.load_model(run / "best.pt")
+    test = open_dataset("synthetic", None, "test", size=32, length=40)
+    counts = torch.zeros(8, 8, dtype=torch.int64)
+    with torch.no_grad():
+        for images, labels in build_loader(test, 7, False, 32, "cpu", "torch", num_workers=0):
+            for truth, predicted in zip(labels.tolist(), model(images).argmax(1).tolist()):
+                counts[truth, predicted] += 1
+    percent, images = read_confusion(out / "confusion-synthetic-test.csv")
+    assert images.tolist() == counts.sum(1).tolist()
+    torch.testing.assert_close(percent, 100 * counts.double() / counts.sum(1, keepdim=True), rtol=0, atol=1e-4)
+    assert (out / "confusion-synthetic-test.png").read_bytes().startswith(b"\x89PNG")
+    assert f"{100 * counts.trace().item() / 40:.2f}" in (out / "summary.md").read_text()
+
+
+def test_predict_command(tmp_path, capsys):
+    from torchvision.io import encode_png
+    from fer_train.data.synthetic import draw_face
+
+    run = tmp_path / "run"
+    assert main(["--steps", "2", "--batch-size", "4", "--out", str(run), *TINY]) == 0
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"face{k}.png").write_bytes(encode_png(draw_face(k, torch.Generator().manual_seed(k), 40)).numpy())
+    assert main(["predict", str(run), str(folder), "-o", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [Path(r["path"]).name for r in rows] == ["face0.png", "face1.png", "face2.png"]
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+
+
+def _run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path):
+    """Two processes of micro-batch 4 read the micro-batches one process reads with 2-fold accumulation,
+    with the same FMix draws, so the parameters agree (batch-norm running statistics differ by design:
+    DDP keeps rank 0's)."""
+    common = ["--steps", "3", "--batch-size", "8", "--set", "train.micro_batch=4", *TINY]
+    ddp = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fer_train", "train",
+                    "--out", str(tmp_path / "ddp"), *common])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "x 2 processes" in ddp.stdout and ddp.stdout.count("test results") == 1  # rank 0 alone prints
+    assert main(["train", "--out", str(tmp_path / "one"), *common]) == 0
+    _same_parameters(checkpoint.load(tmp_path / "ddp" / "last.pt")["model"],
+                     checkpoint.load(tmp_path / "one" / "last.pt")["model"], atol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "fer_train", "--steps", "1000", "--batch-size", "4",
+                                "--out", str(run), *TINY], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step"):  # training has started
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "stopped (SIGTERM)" in out
+    assert 0 < checkpoint.load(run / "last.pt")["step"] < 1000
+
+
+def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys):
+    original = Trainer._loss
+
+    def diverging(self, logits, targets):
+        loss = original(self, logits, targets)
+        return loss * float("nan") if self.step >= 2 else loss
+
+    monkeypatch.setattr(Trainer, "_loss", diverging)
+    run = tmp_path / "run"
+    args = ["--steps", "6", "--batch-size", "4", "--out", str(run), *TINY, "--set", "train.checkpoint_every=2"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "the loss became nan between steps 3 and 3" in err and str(run / "last.pt") in err
+    assert checkpoint.load(run / "last.pt")["step"] == 2  # the diverged model was not saved
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ferplus", "/no/such/folder"], "data.ferplus: /no/such/folder is not a folder"),
+    (["--set", "optim.lr=fast"], "optim.lr: 'fast' is not a valid float"),
+    (["--set", "optim.learning_rate=0.1"], "unknown key optim.learning_rate"),
+    (["--set", "lr=0.1"], "expected section.key=value"),
+    (["--preset", "table9"], "unknown preset 'table9'"),
+    (["--set", "train.batch_size=10", "--set", "train.micro_batch=4"], "must be positive and divide"),
+    (["--set", "model.booster=squeeze"], "model.booster must be one of"),
+    (["--config", "/no/such.toml"], "config file /no/such.toml does not exist"),
+    (["--resume", "/no/such/run"], "checkpoint /no/such/run does not exist"),
+])
+def test_bad_configs_and_paths_fail_before_any_work(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_config_files_and_their_errors(tmp_path):
+    good = tmp_path / "run.toml"
+    good.write_text('preset = "table3-sgd-0.01"\n[train]\nsteps = 10\n[optim]\nbetas = [0.9, 0.98]\n')
+    config = build_config(file=good, overrides={"train": {"steps": "20"}})
+    assert (config.preset, config.optim.name, config.optim.lr, config.optim.betas) == ("table3-sgd-0.01", "sgd",
+                                                                                        0.01, (0.9, 0.98))
+    assert config.train.steps == 20  # the command line wins over the file
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nsteps = 10\n")
+    with pytest.raises(ConfigError, match="broken.toml"):
+        build_config(file=broken)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[trian]\nsteps = 10\n")
+    with pytest.raises(ConfigError, match=r"unknown.toml: unknown section 'trian'"):
+        build_config(file=unknown)
+    yaml = pytest.importorskip("yaml")
+    as_yaml = tmp_path / "run.yaml"
+    as_yaml.write_text(yaml.safe_dump({"model": {"arch": "resnet50", "booster": None}}))
+    config = build_config(file=as_yaml)
+    assert (config.model.arch, config.model.booster) == ("resnet50", None)
+
+
+def test_every_preset_builds_and_the_paper_presets_follow_the_spec():
+    for name in PRESETS:
+        build_config(name)
+    best = build_config("table3-ranger-gc")
+    assert (best.train.steps, best.train.batch_size, best.train.eval_every) == (60_000, 256, 500)
+    assert (best.optim.name, best.optim.lr, best.optim.betas, best.optim.gc) == ("ranger", 1e-3, (0.9, 0.999), True)
+    assert build_config("table3-ranger").optim.gc is False
+    assert build_config("table7-resnet50-mish-abp-affectnet").data.class_weights == "eq4"
+    assert build_config("table7-resnet18-ferplus").data.class_weights == "none"
+
+
+def test_learning_rate_is_flat_then_cosine():
+    factors = [lr_factor(step, 10, "flat_cosine", 0.5) for step in range(10)]
+    assert factors[:5] == [1.0] * 5 and factors[5] == 1.0 and factors[-1] > 0
+    assert all(a > b for a, b in zip(factors[5:], factors[6:]))
+    torch.testing.assert_close(lr_factor(7, 10, "flat_cosine", 0.5), 0.5 * (1 + torch.cos(torch.tensor(0.4 * torch.pi)).item()))

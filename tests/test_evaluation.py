@@ -1,0 +1,278 @@
+"""fer_train.evaluation and fer_train.predict: confusion counts, accuracy and loss against hand-computed
+values, the same global result under 2 gloo ranks, the CSV / PNG / Markdown outputs, and prediction on
+image files of every kind the loaders read."""
+
+import csv
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torchvision.io import decode_png, encode_jpeg, encode_png
+
+from fer_kernels.reference import IMAGENET_MEAN, IMAGENET_STD
+from fer_train.data import CLASSES, DataError, build_loader, open_dataset
+from fer_train.evaluation import (EvalResult, confusion_matrix, evaluate, read_confusion, summary_table,
+                                  write_confusion)
+from fer_train.predict import collect_images, predict, write_predictions
+
+BIAS = torch.tensor([0.0, 0.5, -1.0, 2.0, 0.25, -0.5, 1.0, 0.0])  # argmax: class 3
+
+
+class Constant(nn.Module):
+    """The same logits for every image: predictions and loss follow from BIAS alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(BIAS.clone())
+
+    def forward(self, images):
+        return self.bias.expand(images.shape[0], -1) + 0 * images.sum()
+
+
+class Strips(nn.Module):
+    """Logit k = mean of channel 0 over the k-th vertical strip of the image, times a scale: a fixed
+    function of the input, so the expected predictions can be computed without the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, images):
+        return self.scale * strips(images)
+
+
+def strips(images):
+    n, _, h, w = images.shape
+    return images[:, 0].reshape(n, h, len(CLASSES), w // len(CLASSES)).mean((1, 3))
+
+
+def synthetic_loader(length=24, batch_size=5, **kw):
+    dataset = open_dataset("synthetic", None, "val", length=length, size=32)
+    return build_loader(dataset, batch_size, train=False, device="cpu", backend="torch", num_workers=0,
+                        image_size=32, **kw)
+
+
+def test_confusion_matrix_by_hand():
+    target = torch.tensor([0, 1, 2, 2, 2, 0, 7, 7])
+    predicted = torch.tensor([0, 1, 1, 2, 2, 2, 7, 0])
+    expected = torch.zeros(8, 8, dtype=torch.int64)
+    for t, p, n in [(0, 0, 1), (1, 1, 1), (2, 1, 1), (2, 2, 2), (0, 2, 1), (7, 7, 1), (7, 0, 1)]:
+        expected[t, p] = n
+    got = confusion_matrix(predicted, target)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    assert torch.equal(confusion_matrix(predicted[:3], target[:3], classes=3),
+                       torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0]]))
+
+
+def test_result_accuracy_rows_and_dict():
+    confusion = torch.zeros(8, 8, dtype=torch.int64)
+    confusion[0, 0], confusion[0, 1] = 3, 1   # neutral: 3 of 4 right
+    confusion[1, 1] = 2                       # happy: 2 of 2
+    confusion[2, 0] = 4                       # surprise: 0 of 4; no other class has images
+    result = EvalResult("FERPlus valid", confusion, 0.5, present_classes=tuple(range(7)))
+    assert result.count == 10 and result.accuracy == pytest.approx(0.5)
+    rows = result.normalised()
+    assert rows.dtype == torch.float64
+    torch.testing.assert_close(rows[0, :2], torch.tensor([75.0, 25.0], dtype=torch.float64))
+    assert rows[1, 1] == 100 and rows[2, 0] == 100 and torch.isnan(rows[3:]).all()
+    torch.testing.assert_close(result.per_class_accuracy[:3], torch.tensor([0.75, 1.0, 0.0], dtype=torch.float64))
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))  # JSON-ready: no NaN left
+    assert data["images"] == 10 and data["accuracy"] == 0.5 and data["per_class_accuracy"]["sad"] is None
+    assert data["present_classes"] == list(CLASSES[:7])
+    back = EvalResult.from_dict(data)
+    assert torch.equal(back.confusion, confusion) and back.present_classes == result.present_classes
+
+
+def test_evaluate_constant_model_by_hand():
+    model = Constant().train()
+    calls = []
+    result = evaluate(model, synthetic_loader(), "synthetic val",
+                      progress=lambda done, total: calls.append((done, total)))
+    # sample i shows class i % 8: 3 images per class, all predicted as argmax(BIAS) = 3
+    expected = torch.zeros(8, 8, dtype=torch.int64)
+    expected[:, 3] = 3
+    assert torch.equal(result.confusion, expected)
+    assert result.accuracy == pytest.approx(1 / 8) and result.count == 24
+    log_probs = BIAS.double().log_softmax(0)
+    assert result.loss == pytest.approx(-log_probs.mean().item(), rel=1e-6)  # every class equally often
+    assert calls == [(k, 5) for k in range(1, 6)]  # 24 images in batches of 5
+    assert model.training and model.bias.grad is None  # mode restored, no graph built
+    assert result.present_classes == tuple(range(8))
+
+
+def test_evaluate_input_dependent_model():
+    loader = synthetic_loader(length=20, batch_size=6)
+    logits, targets = [], []
+    for images, target in loader:  # the evaluation order is fixed: a second pass reads the same batches
+        logits.append(3.0 * strips(images))
+        targets.append(target)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    expected = torch.zeros(8, 8, dtype=torch.int64)
+    for t, p in zip(targets.tolist(), logits.argmax(1).tolist()):
+        expected[t, p] += 1
+    model = Strips().eval()
+    for channels_last in (False, True):
+        result = evaluate(model, loader, "synthetic val", channels_last=channels_last)
+        assert torch.equal(result.confusion, expected)
+        assert result.loss == pytest.approx(nn.functional.cross_entropy(logits.double(), targets).item(), rel=1e-5)
+    assert not model.training
+    amp = evaluate(model, loader, "synthetic val", amp_dtype=torch.bfloat16)  # autocast runs on the CPU too
+    assert amp.count == 20 and math.isfinite(amp.loss)
+
+
+def test_evaluate_soft_targets():
+    generator = torch.Generator().manual_seed(0)
+    soft = torch.rand(10, 8, generator=generator).softmax(1)
+    batches = [(torch.zeros(4, 3, 8, 8), soft[:4]), (torch.zeros(6, 3, 8, 8), soft[4:])]
+    result = evaluate(Constant(), batches, "ferplus valid")
+    expected_loss = -(soft.double() * BIAS.double().log_softmax(0)).sum(1).mean().item()
+    assert result.loss == pytest.approx(expected_loss, rel=1e-6)
+    assert torch.equal(result.confusion, confusion_matrix(torch.full((10,), 3), soft.argmax(1)))
+
+
+def _distributed_worker(rank, world, init_file, out_file):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from datetime import timedelta
+    # a short timeout: a rank left waiting on a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(Strips())
+        # 17 images in batches of 4: rank 0 reads 9 (3 batches), rank 1 reads 8 (2 batches); uneven
+        # shards must neither hang nor count an image twice
+        result = evaluate(model, synthetic_loader(length=17, batch_size=4, rank=rank, world=world), "mixed val")
+        torch.save(result.to_dict(), f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluate_distributed_matches_single_process(tmp_path):
+    out = tmp_path / "result"
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    single = evaluate(Strips(), synthetic_loader(length=17, batch_size=4), "mixed val")
+    for rank in range(2):  # every rank holds the global result
+        result = EvalResult.from_dict(torch.load(f"{out}.{rank}"))
+        assert torch.equal(result.confusion, single.confusion)
+        assert result.loss == pytest.approx(single.loss, rel=1e-6)
+
+
+def _sample_result():
+    confusion = torch.tensor([[50, 3, 0, 0, 0, 0, 1, 0], [2, 40, 0, 0, 0, 0, 0, 0], [0, 0, 7, 1, 0, 0, 2, 0],
+                              [3, 0, 0, 9, 1, 0, 0, 0], [0, 0, 0, 2, 11, 1, 0, 0], [0, 0, 0, 0, 1, 2, 0, 0],
+                              [0, 0, 2, 0, 0, 0, 5, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
+    return EvalResult("RAF-DB test", confusion, 0.61234, present_classes=tuple(range(7)))
+
+
+def test_write_confusion_csv_and_png(tmp_path):
+    result = _sample_result()
+    csv_path, png_path = write_confusion(result, tmp_path / "run")
+    assert csv_path.name == "confusion-raf-db-test.csv" and png_path.name == "confusion-raf-db-test.png"
+    percent, images = read_confusion(csv_path)
+    torch.testing.assert_close(percent, result.normalised(), equal_nan=True, rtol=0, atol=1e-4)
+    assert torch.equal(images, result.confusion.sum(1))
+    rebuilt = (percent.nan_to_num() * images[:, None] / 100).round().long()
+    assert torch.equal(rebuilt, result.confusion)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:9] == list(CLASSES) and [r[0] for r in rows[1:9]] == list(CLASSES)
+    assert rows[-1] == ["predicted", *map(str, result.confusion.sum(0).tolist()), str(result.count)]
+    png = decode_png(torch.frombuffer(bytearray(png_path.read_bytes()), dtype=torch.uint8))
+    assert png.shape[0] in (3, 4) and 300 <= png.shape[1] <= 2000 and 300 <= png.shape[2] <= 2000
+
+
+def test_summary_table_is_markdown_with_the_numbers():
+    results = [_sample_result(), EvalResult("synthetic val", torch.eye(8, dtype=torch.int64) * 5, 0.125)]
+    table = summary_table(results)
+    lines = table.splitlines()
+    assert len(lines) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in lines)
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    assert set(lines[1]) <= set("|-: ")  # the Markdown delimiter row
+    assert "RAF-DB test" in lines[2] and " 143 " in lines[2] and "86.71" in lines[2] and "0.6123" in lines[2]
+    assert "92.59" in lines[2]  # neutral 50 / 54
+    assert lines[2].rstrip(" |").endswith("-")  # contempt is not in RAF-DB
+    assert "100.00" in lines[3] and "0.1250" in lines[3]
+    assert [c.strip() for c in lines[0].strip("|").split("|")][:4] == ["set", "images", "accuracy %", "loss"]
+
+
+# Uniform images of these grey levels: after the evaluation transform channel 0 is a constant, and
+# Levels() maps each level to its own class.
+LEVELS = [16 + 32 * k for k in range(8)]
+
+
+class Levels(nn.Module):
+    def forward(self, images):
+        centres = torch.tensor([(v / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0] for v in LEVELS])
+        return -20 * (images[:, 0].mean((1, 2))[:, None] - centres) ** 2
+
+
+def test_predict_png_jpeg_and_grey(tmp_path):
+    paths = []
+    for k, level in enumerate(LEVELS):
+        channels = 1 if k % 3 == 2 else 3  # grey files among the colour ones
+        image = torch.full((channels, 40 + 3 * k, 50), level, dtype=torch.uint8)
+        if k % 2:
+            path = tmp_path / f"face{k}.jpg"
+            path.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
+        else:
+            path = tmp_path / f"face{k}.png"
+            path.write_bytes(encode_png(image).numpy().tobytes())
+        paths.append(path)
+    rows = predict(Levels(), paths, image_size=32, batch_size=3)
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    for k, row in enumerate(rows):
+        probabilities = row["probabilities"]
+        assert list(probabilities) == list(CLASSES)
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        assert row["class"] == max(probabilities, key=probabilities.get) == CLASSES[k]
+
+
+def test_predict_names_a_file_it_cannot_decode(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(encode_png(torch.zeros(3, 8, 8, dtype=torch.uint8)).numpy().tobytes())
+    bad, empty = tmp_path / "bad.jpg", tmp_path / "empty.png"
+    bad.write_bytes(b"not an image at all")
+    empty.write_bytes(b"")
+    for broken in (bad, empty):
+        with pytest.raises(DataError, match=re.escape(str(broken))):
+            predict(Levels(), [good, broken], image_size=32)
+
+
+def test_collect_images(tmp_path):
+    (tmp_path / "set" / "sub").mkdir(parents=True)
+    for name in ("set/b.png", "set/a.JPG", "set/sub/c.webp", "set/notes.txt", "loose.png"):
+        (tmp_path / name).write_bytes(b"x")
+    found = collect_images([tmp_path / "loose.png", tmp_path / "set", str(tmp_path / "set" / "b.png")])
+    assert found == [tmp_path / "loose.png", tmp_path / "set" / "a.JPG", tmp_path / "set" / "b.png",
+                     tmp_path / "set" / "sub" / "c.webp"]
+    with pytest.raises(DataError, match="missing.png"):
+        collect_images([tmp_path / "missing.png"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no faces")
+    with pytest.raises(DataError, match="empty.*no image"):
+        collect_images([tmp_path / "empty"])
+
+
+def test_write_predictions_round_trip(tmp_path, capsys):
+    rows = [{"path": f"faces/{k}.png", "class": CLASSES[k],
+             "probabilities": dict(zip(CLASSES, torch.randn(8, generator=torch.Generator().manual_seed(k))
+                                       .softmax(0).tolist()))} for k in range(3)]
+    write_predictions(rows, tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == rows
+    write_predictions(rows, tmp_path / "out.csv")
+    with open(tmp_path / "out.csv", newline="") as f:
+        read = list(csv.DictReader(f))
+    assert list(read[0]) == ["path", "class", *CLASSES]
+    assert [{"path": r["path"], "class": r["class"], "probabilities": {c: float(r[c]) for c in CLASSES}}
+            for r in read] == rows
+    write_predictions(rows, "-")
+    assert json.loads(capsys.readouterr().out) == rows
+    with pytest.raises(ValueError, match="json or .csv"):
+        write_predictions(rows, tmp_path / "out.txt")
