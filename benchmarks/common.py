@@ -12,6 +12,7 @@ a low fraction of copy bandwidth there is not by itself a memory-access problem.
     python benchmarks/common.py benchmarks/results/*.json              prints the summary of results files
     python benchmarks/common.py --markdown benchmarks/results/*.json   the README's table (fwd+bwd rows)
     python benchmarks/common.py --markdown-optim benchmarks/results/*-optim.json   the optimizer table
+    python benchmarks/common.py --markdown-pipeline benchmarks/results/*-pipeline.json   the data-pipeline table
 """
 
 from __future__ import annotations
@@ -74,20 +75,28 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 # ---------------------------------------------------------------------------------------------- device
 
-def parse_args(description: str):
+def parse_args(description: str, add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+               dtypes: bool = True):
+    """The options every benchmark takes (--device, --quick, --results and, with `dtypes`, --dtypes), plus
+    those `add_arguments` adds to the parser."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds); results get -quick")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON file (default: %(default)s)")
-    p.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
-                   help=f"comma-separated, of {', '.join(DTYPES)} (default: float32,bfloat16 on cuda, float32 on cpu)")
+    if dtypes:
+        p.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
+                       help=f"comma-separated, of {', '.join(DTYPES)} (default: float32,bfloat16 on cuda, float32 on "
+                            f"cpu)")
+    if add_arguments is not None:
+        add_arguments(p)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"{p.prog}: --device cuda but torch {torch.__version__} sees no CUDA device; use --device cpu")
-    args.dtypes = args.dtypes or (["float32", "bfloat16"] if args.device == "cuda" else ["float32"])
-    unknown = [d for d in args.dtypes if d not in DTYPES]
-    if unknown:
-        p.error(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
+    if dtypes:
+        args.dtypes = args.dtypes or (["float32", "bfloat16"] if args.device == "cuda" else ["float32"])
+        unknown = [d for d in args.dtypes if d not in DTYPES]
+        if unknown:
+            p.error(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
     return args
 
 
@@ -113,7 +122,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _version(package: str) -> Optional[str]:
+def version(package: str) -> Optional[str]:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -141,7 +150,7 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton"),
+        "triton": version("triton"),
         "python": platform.python_version(),
         "fer_kernels_backends": {op: by_device.get(device.type) for op, by_device in fer_kernels.backends().items()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -344,21 +353,27 @@ def benchmark_op(what: str, args, shapes: list[tuple], layouts: tuple[str, ...],
 
 class Results:
     """Rows of one run, rewritten to benchmarks/results/<device>-<what>[-quick].json after every row, so a
-    run cut short still leaves what it measured ("complete": false)."""
+    run cut short still leaves what it measured ("complete": false).
 
-    def __init__(self, what: str, device: torch.device, args, notes: list[str]):
+    measure_copy: measure the copy bandwidth that byte floors are compared with (False for a benchmark
+    without byte floors: "copy_bandwidth_GBps" is then null); path: write there instead; env: more
+    entries for the environment record."""
+
+    def __init__(self, what: str, device: torch.device, args, notes: list[str], *, measure_copy: bool = True,
+                 path: Optional[Path] = None, env: Optional[dict] = None):
         self.quick = args.quick
-        self.env = environment(device)
-        self.copy_gbps = copy_bandwidth(device, quick=args.quick)
+        self.env = {**environment(device), **(env or {})}
+        self.copy_gbps = copy_bandwidth(device, quick=args.quick) if measure_copy else None
         self.notes = notes
         self.rows: list[dict] = []
-        args.results.mkdir(parents=True, exist_ok=True)
-        self.path = args.results / f"{slug(self.env['device'])}-{what}{'-quick' if args.quick else ''}.json"
+        self.path = path or args.results / f"{slug(self.env['device'])}-{what}{'-quick' if args.quick else ''}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.what = what
         threads = f", {self.env['threads']} threads" if device.type == "cpu" else ""
+        copy = f"; measured copy bandwidth {self.copy_gbps:.1f} GB/s (read + write)" if measure_copy else ""
         print(f"{what} on {self.env['device']}{threads}: torch {self.env['torch']}, triton {self.env['triton']}, "
-              f"CUDA {self.env['cuda']}; measured copy bandwidth {self.copy_gbps:.1f} GB/s (read + write)")
-        print(f"  byte accounting and timing method: 'notes' in {self.path.name}")
+              f"CUDA {self.env['cuda']}{copy}")
+        print(f"  {'byte accounting and ' if measure_copy else ''}timing method: 'notes' in {self.path.name}")
 
     def add(self, case: dict, times_ms: dict[str, float], bytes_moved: Optional[int] = None,
             details: Optional[dict[str, dict]] = None, **extra) -> dict:
@@ -374,6 +389,10 @@ class Results:
         fused = [n for n in times_ms if n.startswith("fused")]
         row["speedup"] = {f"{f} vs {b}": times_ms[b] / times_ms[f]
                           for f in fused for b in times_ms if not b.startswith("fused")}
+        return self.append(row)
+
+    def append(self, row: dict) -> dict:
+        """A row as it is (for benchmarks whose figures are not times of variants), written at once."""
         self.rows.append(row)
         self.write(complete=False)
         return row
@@ -431,16 +450,35 @@ def optim_line(row: dict) -> str:
             f"{times} | {floor} | {ratios}")
 
 
+def pipeline_line(row: dict) -> str:
+    """bench_pipeline's row: a pipeline's images per second on a set (median and range over repeats), and
+    its ratio to the torchvision baseline on the same set."""
+    case = f"{row['set']:<19} {row['pipeline']:<12}"
+    if row.get("skipped"):
+        return f"{case} skipped: {row['skipped']}"
+    rates = row["repeats_images_per_s"]
+    ratio = row.get("vs_torchvision")
+    return (f"{case} {row['images_per_s']:8,.0f} images/s ({min(rates):,.0f}-{max(rates):,.0f} over {len(rates)}) "
+            f"| {row['source']}, {row['images']} images, batch {row['batch_size']}"
+            + (f" | x{ratio:.2f} torchvision" if ratio is not None else ""))
+
+
+# bench_* documents whose rows are not the per-op passes of benchmark_op, and how summarize prints a row
+ROW_LINES = {"memory": memory_line, "optim": optim_line, "pipeline": pipeline_line}
+
+
 def summarize(paths: list[str]) -> None:
     """Per results file and (dtype, layout, pass): the geometric mean (and range) over shapes of each fused
     variant's speedup over each baseline, and the fractions of copy bandwidth the fused variants reached."""
     for path in paths:
         doc = json.loads(Path(path).read_text())
-        print(f"\n{Path(path).name}: {doc['device']}, torch {doc['torch']}, copy {doc['copy_bandwidth_GBps']:.0f} GB/s"
+        copy = doc.get("copy_bandwidth_GBps")
+        print(f"\n{Path(path).name}: {doc['device']}, torch {doc['torch']}"
+              + (f", copy {copy:.0f} GB/s" if copy is not None else "")
               + ("" if doc.get("complete", True) else "  (INCOMPLETE run)"))
-        if doc["what"] in ("memory", "optim"):
+        if doc["what"] in ROW_LINES:
             for row in doc["rows"]:
-                print(f"  {memory_line(row) if doc['what'] == 'memory' else optim_line(row)}")
+                print(f"  {ROW_LINES[doc['what']](row)}")
             continue
         groups: dict[tuple, list[dict]] = {}
         for row in doc["rows"]:
@@ -483,7 +521,7 @@ def markdown(paths: list[str], pass_: str = "fwd+bwd") -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         doc = json.loads(Path(path).read_text())
-        if doc["what"] in ("memory", "optim"):
+        if doc["what"] in ROW_LINES:
             continue
         for row in (r for r in doc["rows"] if r["pass"] == pass_):
             for name, v in row["variants"].items():
@@ -496,10 +534,35 @@ def markdown(paths: list[str], pass_: str = "fwd+bwd") -> None:
                       f"x{row['speedup'][f'{name} vs compile']:.2f} | {v['fraction_of_copy_bandwidth']:.0%} |")
 
 
+def markdown_pipeline(paths: list[str]) -> None:
+    """The README's data-pipeline table: one row per (set, pipeline) of each file, figures as it holds them."""
+    print("| set | files | device | mode | workers | batch | pipeline | images/s (median) | range | "
+          "vs torchvision |")
+    print("|---" * 10 + "|")
+    for doc in (json.loads(Path(p).read_text()) for p in paths):
+        if doc["what"] != "pipeline":
+            continue
+        device = (f"{doc['device']}, {doc['cpu_cores']} cores" if doc["device"].startswith("CPU")
+                  else f"{doc['device']} + {doc['cpu_cores']} CPU cores")
+        for row in doc["rows"]:
+            cells = [row["set"], row.get("source", ""), device, f"{row['mode']} {row['image_size']}px",
+                     str(row["workers"]), str(row["batch_size"]), row["pipeline"]]
+            if row.get("skipped"):
+                cells += [f"skipped: {row['skipped']}", "", ""]
+            else:
+                ratio = row.get("vs_torchvision")
+                cells += [f"{row['images_per_s']:,.0f}",
+                          f"{min(row['repeats_images_per_s']):,.0f}-{max(row['repeats_images_per_s']):,.0f}",
+                          f"x{ratio:.2f}" if ratio is not None else ""]
+            print(f"| {' | '.join(cells)} |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--markdown"]:
         markdown(sys.argv[2:])
     elif sys.argv[1:2] == ["--markdown-optim"]:
         markdown_optim(sys.argv[2:])
+    elif sys.argv[1:2] == ["--markdown-pipeline"]:
+        markdown_pipeline(sys.argv[2:])
     else:
         summarize(sys.argv[1:])

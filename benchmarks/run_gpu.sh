@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Build, test and benchmark fer-kernels on a CUDA machine in one call (PERF.md, "The GPU machine").
 #
-#   bash benchmarks/run_gpu.sh                      all stages: build test mish recalibrate memory optim
+#   bash benchmarks/run_gpu.sh                      all stages: build test mish recalibrate memory optim train pipeline
 #   bash benchmarks/run_gpu.sh mish recalibrate     some stages (a warm machine keeps the build)
 #
 # The extension is built there, against that machine's torch: one built elsewhere will not load.
-# Results: benchmarks/results/<gpu>-{mish,recalibrate,memory,optim}.json, copied with this log to $OUT if set.
+# Results: benchmarks/results/<gpu>-{mish,recalibrate,memory,optim,train,pipeline}.json, copied with this log to $OUT if set.
 # Every stage runs under a time limit that keeps the whole call inside BUDGET seconds (default 570; the
 # device tool stops a call at 600); the benchmarks write their JSON after every row, so a stage that runs
 # out of time still leaves what it measured, marked "complete": false.
@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${*:-build test mish recalibrate memory optim}
+STAGES=${*:-build test mish recalibrate memory optim train pipeline}
 BUDGET=${BUDGET:-570}
 START=$SECONDS
 
@@ -52,10 +52,15 @@ stage_mish() { run timeout "$(limit 120)" $PY benchmarks/bench_mish.py --device 
 stage_recalibrate() { run timeout "$(limit 180)" $PY benchmarks/bench_recalibrate.py --device cuda; }
 stage_memory() { run timeout "$(limit 90)" $PY benchmarks/bench_memory.py --device cuda; }
 stage_optim() { run timeout "$(limit 90)" $PY benchmarks/bench_optim.py --device cuda; }
+stage_train() { run timeout "$(limit 240)" $PY benchmarks/bench_train.py --device cuda; }
+# no DALI on the GPU image: the PyTorch pipeline against the torchvision baseline, on the synthetic JPEGs
+# (../shared/data is not carried there), with the machine's cores as workers
+stage_pipeline() { run timeout "$(limit 120)" $PY benchmarks/bench_pipeline.py --device cuda --sets synthetic256 \
+    --pipelines dali,torch,torchvision --workers "$(nproc)" --repeats 2; }
 
 for stage in $STAGES; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        echo "unknown stage $stage (stages: build test mish recalibrate memory optim)"
+        echo "unknown stage $stage (stages: build test mish recalibrate memory optim train pipeline)"
         exit 2
     fi
 done
