@@ -338,6 +338,24 @@ def _csv_rows(path: Path):
         raise DataError(f"{path}: not a readable CSV text file ({err}); restore the original file") from err
 
 
+def _table_rows(path: Path, needed: tuple[str, ...], issues: _Issues):
+    """(column name -> index, an iterator of (where, fields)) for a CSV file with a header: each row that
+    has as many fields as the header, `where` naming its file and line; the others go to issues."""
+    rows = _csv_rows(path)
+    _, header = next(rows, (1, []))
+    column = _columns(path, header, needed)
+
+    def checked():
+        for line, row in rows:
+            where = f"{path} line {line}"
+            if len(row) != len(header):
+                issues.bad("malformed row", f"{where}: expected {len(header)} fields as in the header, found "
+                                            f"{len(row)}; fix the row")
+                continue
+            yield where, row
+    return column, checked()
+
+
 def _columns(path: Path, header: list[str], needed: tuple[str, ...]) -> dict[str, int]:
     """Column name -> index, or a DataError naming the columns the header lacks."""
     missing = [c for c in needed if c not in header]
@@ -569,16 +587,9 @@ def _read_affectnet(root: Path, split: str, issues: _Issues) -> list[Record]:
     listing = _need(root / "Manually_Annotated_file_lists" / _AFFECTNET_LISTS[split], f"the {split} list",
                     "affectnet", _AFFECTNET_EXPECTS)
     images = _need(root / "Manually_Annotated_Images", "the image folder", "affectnet", _AFFECTNET_EXPECTS)
-    rows = _csv_rows(listing)
-    _, header = next(rows, (1, []))
-    column = _columns(listing, header, _AFFECTNET_COLUMNS)
+    column, rows = _table_rows(listing, _AFFECTNET_COLUMNS, issues)
     records = []
-    for line, row in rows:
-        where = f"{listing} line {line}"
-        if len(row) != len(header):
-            issues.bad("malformed row", f"{where}: expected {len(header)} fields as in the header, found {len(row)}; "
-                                        f"fix the row")
-            continue
+    for where, row in rows:
         code = row[column["expression"]]
         if code.isdigit() and int(code) in _AFFECTNET_DROPPED:
             issues.drop(_AFFECTNET_DROPPED[int(code)])
@@ -654,17 +665,10 @@ _FE_CLASSES = {name: CLASSES.index(c) for name, c in {
 def _read_facial_expressions(root: Path, split: str, issues: _Issues) -> list[Record]:
     legend = _need(root / "data" / "legend.csv", "the label list", "facial_expressions", _FE_EXPECTS)
     images = _need(root / "images", "the image folder", "facial_expressions", _FE_EXPECTS)
-    rows = _csv_rows(legend)
-    _, header = next(rows, (1, []))
-    column = _columns(legend, header, ("image", "emotion"))
-    labels: dict[str, tuple[int, int]] = {}  # image -> (label, line of its first row); dicts keep row order
+    column, rows = _table_rows(legend, ("image", "emotion"), issues)
+    labels: dict[str, tuple[int, str]] = {}  # image -> (label, where its first row is); dicts keep row order
     conflicting: set[str] = set()
-    for line, row in rows:
-        where = f"{legend} line {line}"
-        if len(row) != len(header):
-            issues.bad("malformed row", f"{where}: expected {len(header)} fields as in the header, found {len(row)}; "
-                                        f"fix the row")
-            continue
+    for where, row in rows:
         name, emotion = row[column["image"]], row[column["emotion"]]
         label = _FE_CLASSES.get(emotion.lower())
         if label is None:
@@ -672,7 +676,7 @@ def _read_facial_expressions(root: Path, split: str, issues: _Issues) -> list[Re
                                         f"fix the row")
             continue
         if name not in labels:
-            labels[name] = label, line
+            labels[name] = label, where
         elif labels[name][0] == label:
             issues.drop("duplicate row (same label, kept once)")
         else:
@@ -681,9 +685,9 @@ def _read_facial_expressions(root: Path, split: str, issues: _Issues) -> list[Re
     issues.drop("image with conflicting rows", len(conflicting))
     issues.drop("image without a row", len({e.name for e in os.scandir(images) if e.is_file()} - set(labels)))
     records = []
-    for name, (label, line) in labels.items():
+    for name, (label, where) in labels.items():
         path = images / name
-        if name not in conflicting and _checked(path, f"{legend} line {line}", issues):
+        if name not in conflicting and _checked(path, where, issues):
             records.append(Record(str(path), label, None, None, "facial_expressions"))
     return records
 
