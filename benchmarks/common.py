@@ -13,6 +13,7 @@ a low fraction of copy bandwidth there is not by itself a memory-access problem.
     python benchmarks/common.py --markdown benchmarks/results/*.json   the README's table (fwd+bwd rows)
     python benchmarks/common.py --markdown-optim benchmarks/results/*-optim.json   the optimizer table
     python benchmarks/common.py --markdown-pipeline benchmarks/results/*-pipeline.json   the data-pipeline table
+    python benchmarks/common.py --markdown-train benchmarks/results/*-train.json   the training-throughput table
 """
 
 from __future__ import annotations
@@ -464,7 +465,14 @@ def pipeline_line(row: dict) -> str:
 
 
 # bench_* documents whose rows are not the per-op passes of benchmark_op, and how summarize prints a row
-ROW_LINES = {"memory": memory_line, "optim": optim_line, "pipeline": pipeline_line}
+def train_line(row: dict) -> str:
+    return (f"{row['model']:<18} {'fused' if row['fused'] else 'unfused':<8} "
+            f"{'compile' if row['compiled'] else 'eager':<8} batch {row['batch']} {row['image_size']}px "
+            f"{row['step_ms']:10.1f} ms/step {row['images_per_s']:10.1f} images/s  paper run "
+            f"{row['paper_run_hours']:8.1f} h")
+
+
+ROW_LINES = {"memory": memory_line, "optim": optim_line, "pipeline": pipeline_line, "train": train_line}
 
 
 def summarize(paths: list[str]) -> None:
@@ -557,6 +565,23 @@ def markdown_pipeline(paths: list[str]) -> None:
             print(f"| {' | '.join(cells)} |")
 
 
+def markdown_train(paths: list[str]) -> None:
+    """The README's training-throughput table: one row per (model, fused, compiled) of each file."""
+    print("| model | device | batch | image | kernels | torch.compile | ms / step | images/s | one paper run |")
+    print("|---" * 9 + "|")
+    for doc in (json.loads(Path(p).read_text()) for p in paths):
+        if doc["what"] != "train":
+            continue
+        device = doc["device"] + (f", {doc['threads']} threads" if doc["device"].startswith("CPU") else "")
+        for row in doc["rows"]:
+            hours = row["paper_run_hours"]
+            cells = [row["model"], device, str(row["batch"]), f"{row['image_size']}px",
+                     "fused" if row["fused"] else "unfused", "yes" if row["compiled"] else "no",
+                     f"{row['step_ms']:,.1f}", f"{row['images_per_s']:,.1f}",
+                     f"{hours:,.1f} h" if hours < 48 else f"{hours / 24:,.0f} days"]
+            print(f"| {' | '.join(cells)} |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--markdown"]:
         markdown(sys.argv[2:])
@@ -564,5 +589,7 @@ if __name__ == "__main__":
         markdown_optim(sys.argv[2:])
     elif sys.argv[1:2] == ["--markdown-pipeline"]:
         markdown_pipeline(sys.argv[2:])
+    elif sys.argv[1:2] == ["--markdown-train"]:
+        markdown_train(sys.argv[2:])
     else:
         summarize(sys.argv[1:])

@@ -113,8 +113,11 @@ def _paper(**sections) -> dict:
 _R18 = {"arch": "resnet18", "act": "relu", "booster": None}
 _EQ3 = {"class_weights": "eq3"}
 PRESETS: dict[str, tuple[str, dict]] = {
+    # 48 x 48 like FERPlus, lr 3e-3 for a 300-step run (the paper's 1e-3 is for 60,000): measured 0.81 test
+    # accuracy in 88 s on 2 CPU cores (32 x 32 gave 0.35: the features get too small)
     "default": ("a short ResNet-18 + Mish + ABP run on the built-in synthetic faces (a few minutes on 2 CPU cores)",
-                {"data": {"synthetic_size": 64, "synthetic_length": 4000, "image_size": 64},
+                {"data": {"synthetic_size": 48, "synthetic_length": 4000, "image_size": 48},
+                 "optim": {"lr": 3e-3},
                  "train": {"steps": 300, "batch_size": 32, "eval_every": 100, "checkpoint_every": 100,
                            "log_every": 10, "eval_batch_size": 100}}),
     # Tables 3-5: plain ResNet-18, eq. 3 weights, the optimizer rows
@@ -263,6 +266,12 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
         root = getattr(d, name)
         if check_paths and root is not None and not Path(root).is_dir():
             raise ConfigError(f"data.{name}: {root} is not a folder")
+    given = [name for name in DATASETS if getattr(d, name)]
+    if check_paths and config.preset.startswith("table"):  # a paper run silently on synthetic faces helps no one
+        needed = config.preset.rsplit("-", 1)[1] if config.preset.startswith("table7") else None
+        if not given or (needed and needed not in given):
+            flag = f"--{needed}" if needed else "--affectnet / --ferplus / --rafdb / --facial-expressions"
+            raise ConfigError(f"preset {config.preset} trains on real data: give it with {flag} DIR")
     _one_of(d.ferplus_label_mode, FERPLUS_LABEL_MODES, "data.ferplus_label_mode")
     _one_of(d.on_error, ON_ERROR, "data.on_error")
     _one_of(d.backend, BACKENDS, "data.backend")

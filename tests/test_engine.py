@@ -4,6 +4,7 @@ equivalence, evaluation files, DDP with gloo, signals, a diverging loss and the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -56,17 +57,16 @@ def test_default_command_on_a_tiny_budget(tmp_path, capsys):
 
 
 def test_training_on_the_synthetic_set_beats_chance(tmp_path):
-    """The paper's recipe (Ranger + GC, FMix, flat-then-cosine) on 48 x 48 drawn faces, 8 classes.
-    Measured: 0.xx test accuracy (chance 0.125)."""
-    overrides = parse_overrides(TINY[1::2] + ["data.image_size=48", "data.synthetic_size=48",
-                                              "data.synthetic_length=2000", "data.synthetic_eval_length=400",
-                                              "train.eval_batch_size=200", "train.log_every=50"])
-    overrides["train"].update(steps=120, batch_size=32, eval_every=120, checkpoint_every=120, out=str(tmp_path))
-    threads = torch.get_num_threads()
+    """The paper's recipe (Ranger + GC, FMix on every batch, flat-then-cosine) on 32 x 32 drawn faces, 8
+    classes, 300 steps of 32 at lr 3e-3. Measured: 0.345 test accuracy (chance 0.125), 51 s on 2 quiet
+    cores; 150 steps gave 0.20 with FMix and 0.37 without it (FMix slows early learning); 48 x 48 faces
+    reach 0.81 in 300 steps (the default command) but take 1.7 times as long."""
+    overrides = parse_overrides(TINY[1::2] + ["data.synthetic_length=4000", "data.synthetic_eval_length=400",
+                                              "train.eval_batch_size=200", "train.log_every=50", "optim.lr=3e-3"])
+    overrides["train"].update(steps=300, batch_size=32, eval_every=300, checkpoint_every=300, out=str(tmp_path))
     outcome = Trainer(build_config("default", overrides=overrides), tmp_path).fit()
-    torch.set_num_threads(threads)
     accuracy = outcome["results"][0].accuracy
-    assert accuracy > 0.4, f"synthetic test accuracy {accuracy:.3f}"
+    assert accuracy > 0.25, f"synthetic test accuracy {accuracy:.3f}"
 
 
 def test_resume_gives_the_same_run(tmp_path):
@@ -201,7 +201,8 @@ def test_bad_configs_and_paths_fail_before_any_work(args, message, capsys):
 
 def test_config_files_and_their_errors(tmp_path):
     good = tmp_path / "run.toml"
-    good.write_text('preset = "table3-sgd-0.01"\n[train]\nsteps = 10\n[optim]\nbetas = [0.9, 0.98]\n')
+    good.write_text(f'preset = "table3-sgd-0.01"\n[data]\nferplus = "{tmp_path}"\n[train]\nsteps = 10\n'
+                    '[optim]\nbetas = [0.9, 0.98]\n')
     config = build_config(file=good, overrides={"train": {"steps": "20"}})
     assert (config.preset, config.optim.name, config.optim.lr, config.optim.betas) == ("table3-sgd-0.01", "sgd",
                                                                                         0.01, (0.9, 0.98))
@@ -223,17 +224,21 @@ def test_config_files_and_their_errors(tmp_path):
 
 def test_every_preset_builds_and_the_paper_presets_follow_the_spec():
     for name in PRESETS:
-        build_config(name)
-    best = build_config("table3-ranger-gc")
+        build_config(name, check_paths=False)
+    with pytest.raises(ConfigError, match="preset table7-resnet18-rafdb trains on real data: give it with --rafdb"):
+        build_config("table7-resnet18-rafdb", overrides={"data": {"ferplus": str(ROOT)}})
+    best = build_config("table3-ranger-gc", check_paths=False)
     assert (best.train.steps, best.train.batch_size, best.train.eval_every) == (60_000, 256, 500)
     assert (best.optim.name, best.optim.lr, best.optim.betas, best.optim.gc) == ("ranger", 1e-3, (0.9, 0.999), True)
-    assert build_config("table3-ranger").optim.gc is False
-    assert build_config("table7-resnet50-mish-abp-affectnet").data.class_weights == "eq4"
-    assert build_config("table7-resnet18-ferplus").data.class_weights == "none"
+    assert build_config("table3-ranger", check_paths=False).optim.gc is False
+    assert build_config("table7-resnet50-mish-abp-affectnet", check_paths=False).data.class_weights == "eq4"
+    assert build_config("table7-resnet18-ferplus", check_paths=False).data.class_weights == "none"
 
 
 def test_learning_rate_is_flat_then_cosine():
     factors = [lr_factor(step, 10, "flat_cosine", 0.5) for step in range(10)]
     assert factors[:5] == [1.0] * 5 and factors[5] == 1.0 and factors[-1] > 0
     assert all(a > b for a, b in zip(factors[5:], factors[6:]))
-    torch.testing.assert_close(lr_factor(7, 10, "flat_cosine", 0.5), 0.5 * (1 + torch.cos(torch.tensor(0.4 * torch.pi)).item()))
+    assert lr_factor(7, 10, "flat_cosine", 0.5) == pytest.approx(0.5 * (1 + math.cos(0.4 * math.pi)))
+    assert lr_factor(3, 10, "cosine", 0.5) == pytest.approx(0.5 * (1 + math.cos(0.3 * math.pi)))
+    assert lr_factor(9, 10, "constant", 0.5) == 1.0

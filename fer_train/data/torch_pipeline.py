@@ -60,7 +60,8 @@ class _Fetch:
     """DataLoader worker side: one batch of samples, read and (unless left to the GPU) decoded; for a CPU
     batch also augmented (`augment_epoch` set), so the workers share that work as they share decoding."""
 
-    def __init__(self, dataset, gpu_jpeg: bool, pipeline: TorchPipeline | None = None, augment_epoch: int | None = None):
+    def __init__(self, dataset, gpu_jpeg: bool, pipeline: TorchPipeline | None = None,
+                 augment_epoch: int | None = None):
         self.dataset, self.gpu_jpeg, self.pipeline, self.augment_epoch = dataset, gpu_jpeg, pipeline, augment_epoch
 
     def __call__(self, indices):
@@ -132,7 +133,8 @@ class TorchPipeline:
             try:
                 decoded = decode_jpeg([items[k].data for k in jpegs], mode=ImageReadMode.UNCHANGED, device=self.device)
             except RuntimeError as err:
-                raise DataError(f"cannot decode one of {[items[k].path for k in jpegs]} on {self.device} ({err})") from err
+                paths = [items[k].path for k in jpegs]
+                raise DataError(f"cannot decode one of {paths} on {self.device} ({err})") from err
             for k, image in zip(jpegs, decoded):
                 images[k] = image
         for k, it in enumerate(items):
