@@ -69,6 +69,28 @@ def test_training_on_the_synthetic_set_beats_chance(tmp_path):
     assert accuracy > 0.25, f"synthetic test accuracy {accuracy:.3f}"
 
 
+def test_run_data_pools_the_mixed_evaluation_and_keeps_each_sets_splits(tmp_path):
+    """FERPlus (train, valid, test) and RAF-DB (train, test): mixed-val / mixed-test pool FERPlus valid +
+    test and RAF-DB test 50/50 and pick the best model; FERPlus valid is watched too; the end reports
+    every test split; facial_expressions is training data only."""
+    from test_datasets import FERPLUS_ROWS, ferplus_line, make_ferplus, make_rafdb
+    from fer_train.engine import open_run_data
+
+    lines = [ferplus_line(f"{n}.png", v) for n, v, *_ in FERPLUS_ROWS]
+    for folder in ("FER2013Train", "FER2013Valid", "FER2013Test"):
+        make_ferplus(tmp_path / "ferplus", lines, folder)
+    make_rafdb(tmp_path / "rafdb", [f"train_{k:05d}.jpg {k}" for k in range(1, 8)] +
+               [f"test_{k:04d}.jpg {k % 7 + 1}" for k in range(1, 10)])
+    config = build_config(overrides={"data": {"ferplus": str(tmp_path / "ferplus"), "rafdb": str(tmp_path / "rafdb")}})
+    data = open_run_data(config)
+    assert len(data.train) == 8 + 7 and data.selection[0] == "mixed val"
+    assert list(data.validation) == ["mixed val", "ferplus valid"]
+    assert list(data.test) == ["mixed test", "ferplus valid", "ferplus test", "rafdb test"]
+    pooled = 2 * 8 + 9
+    assert len(data.validation["mixed val"]) + len(data.test["mixed test"]) == pooled
+    assert abs(len(data.validation["mixed val"]) - len(data.test["mixed test"])) <= 1
+
+
 def test_resume_gives_the_same_run(tmp_path):
     """6 steps straight = 3 steps + resume + 3 steps: parameters, Lookahead state and data position (with
     gradient accumulation, FMix and a schedule that depends on the step)."""
