@@ -357,7 +357,7 @@ class Trainer:
                     last_good = self.save()
                     window_start = time.perf_counter()
                 if self._stop_requested(at_log):
-                    stopped = self._stop_signal
+                    stopped = self._stop_signal or "a signal to another rank"
                 elif self.stop_after is not None and self.step - session_start >= self.stop_after:
                     stopped = f"stop_after={self.stop_after}"
                 if stopped:
