@@ -8,6 +8,16 @@ non-finite values as torch.nn.functional.mish (see csrc/mish.h).
 import triton
 import triton.language as tl
 
+@triton.jit
+def load_math(ptr, offs, mask, COMPUTE_F64: tl.constexpr):
+    """Load in the storage dtype and widen to the compute dtype: float64 for float64 tensors, else float32."""
+    v = tl.load(ptr + offs, mask=mask, other=0)
+    if COMPUTE_F64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)
+
+
 # Activation codes, as csrc/recalibrate.h's enum Act and fer_kernels/ops/recalibrate.py.
 ACT_MISH: tl.constexpr = 0
 ACT_RELU: tl.constexpr = 1

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fer_kernels.triton.math import mish_derivative, mish_forward
+from fer_kernels.triton.math import load_math, mish_derivative, mish_forward
 
 # 2048 elements per program, 4 warps: 16 elements (four 16-byte fp32 accesses) per thread. Not yet tuned
 # on a GPU (no GPU was available when written); benchmarks/bench_mish.py measures it.
@@ -16,11 +16,7 @@ NUM_WARPS = 4
 def _mish_forward_kernel(x_ptr, y_ptr, n, COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask)
-    if COMPUTE_F64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
+    x = load_math(x_ptr, offs, mask, COMPUTE_F64)
     tl.store(y_ptr + offs, mish_forward(x).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -28,14 +24,8 @@ def _mish_forward_kernel(x_ptr, y_ptr, n, COMPUTE_F64: tl.constexpr, BLOCK: tl.c
 def _mish_backward_kernel(dy_ptr, x_ptr, dx_ptr, n, COMPUTE_F64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask)
-    dy = tl.load(dy_ptr + offs, mask=mask)
-    if COMPUTE_F64:
-        x = x.to(tl.float64)
-        dy = dy.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
-        dy = dy.to(tl.float32)
+    x = load_math(x_ptr, offs, mask, COMPUTE_F64)
+    dy = load_math(dy_ptr, offs, mask, COMPUTE_F64)
     tl.store(dx_ptr + offs, (dy * mish_derivative(x)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 

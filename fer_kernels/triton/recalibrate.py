@@ -10,54 +10,33 @@ import torch
 import triton
 import triton.language as tl
 
-from fer_kernels.triton.math import act_backward, act_forward
-
-# Elements per tile: 2048 with 4 warps (16 per thread). Not yet tuned on a GPU (none was available when
-# written); benchmarks/bench_recalibrate.py measures it.
-TILE = 2048
-NUM_WARPS = 4
-
-
-@triton.jit
-def _load_math(ptr, offs, mask, COMPUTE_F64: tl.constexpr):
-    v = tl.load(ptr + offs, mask=mask, other=0.0)
-    if COMPUTE_F64:
-        return v.to(tl.float64)
-    else:
-        return v.to(tl.float32)
+from fer_kernels.triton.math import act_backward, act_forward, load_math
+from fer_kernels.triton.tiles import NUM_WARPS, nchw_tile, nhwc_tile, tiles_nchw, tiles_nhwc
 
 
 @triton.jit
 def _forward_nchw_kernel(x_ptr, g_ptr, id_ptr, out_ptr, planes, HW, HAS_GATE: tl.constexpr, ACT: tl.constexpr,
                          COMPUTE_F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    hw_blocks = tl.cdiv(HW, BLOCK_HW)
-    p = (pid // hw_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    hw = (pid % hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    p, hw = nchw_tile(HW, BLOCK_P, BLOCK_HW)
     mask = (p < planes)[:, None] & (hw < HW)[None, :]
     offs = p[:, None] * HW + hw[None, :]
-    z = _load_math(x_ptr, offs, mask, COMPUTE_F64)
+    z = load_math(x_ptr, offs, mask, COMPUTE_F64)
     if HAS_GATE:
-        z = z * _load_math(g_ptr, p, p < planes, COMPUTE_F64)[:, None]
-    z = z + _load_math(id_ptr, offs, mask, COMPUTE_F64)
+        z = z * load_math(g_ptr, p, p < planes, COMPUTE_F64)[:, None]
+    z = z + load_math(id_ptr, offs, mask, COMPUTE_F64)
     tl.store(out_ptr + offs, act_forward(z, ACT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _forward_nhwc_kernel(x_ptr, g_ptr, id_ptr, out_ptr, HW, C, HAS_GATE: tl.constexpr, ACT: tl.constexpr,
                          COMPUTE_F64: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    hw_blocks = tl.cdiv(HW, BLOCK_HW)
-    n = pid // (hw_blocks * c_blocks)
-    hw = ((pid // c_blocks) % hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, hw, c = nhwc_tile(HW, C, BLOCK_HW, BLOCK_C)
     mask = (hw < HW)[:, None] & (c < C)[None, :]
     offs = (n * HW + hw)[:, None] * C + c[None, :]
-    z = _load_math(x_ptr, offs, mask, COMPUTE_F64)
+    z = load_math(x_ptr, offs, mask, COMPUTE_F64)
     if HAS_GATE:
-        z = z * _load_math(g_ptr, n * C + c, c < C, COMPUTE_F64)[None, :]
-    z = z + _load_math(id_ptr, offs, mask, COMPUTE_F64)
+        z = z * load_math(g_ptr, n * C + c, c < C, COMPUTE_F64)[None, :]
+    z = z + load_math(id_ptr, offs, mask, COMPUTE_F64)
     tl.store(out_ptr + offs, act_forward(z, ACT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -65,9 +44,9 @@ def _forward_nhwc_kernel(x_ptr, g_ptr, id_ptr, out_ptr, HW, C, HAS_GATE: tl.cons
 def _backward_tile(dy_ptr, x_ptr, id_ptr, dx_ptr, did_ptr, offs, mask, g, ACT: tl.constexpr,
                    COMPUTE_F64: tl.constexpr):
     """Writes dx and didentity of one tile; returns its terms dz * x of the gate gradient, in float64."""
-    x = _load_math(x_ptr, offs, mask, COMPUTE_F64)
-    z = x * g + _load_math(id_ptr, offs, mask, COMPUTE_F64)
-    dz = act_backward(_load_math(dy_ptr, offs, mask, COMPUTE_F64), z, ACT)
+    x = load_math(x_ptr, offs, mask, COMPUTE_F64)
+    z = x * g + load_math(id_ptr, offs, mask, COMPUTE_F64)
+    dz = act_backward(load_math(dy_ptr, offs, mask, COMPUTE_F64), z, ACT)
     tl.store(dx_ptr + offs, (dz * g).to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(did_ptr + offs, dz.to(did_ptr.dtype.element_ty), mask=mask)
     return tl.where(mask, dz * x, 0.0).to(tl.float64)
@@ -82,7 +61,7 @@ def _backward_nchw_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < planes
     if HAS_GATE:
-        g = _load_math(g_ptr, p, p_mask, COMPUTE_F64)[:, None]
+        g = load_math(g_ptr, p, p_mask, COMPUTE_F64)[:, None]
     else:
         g = 1.0  # exact: x * 1 + identity and dz * 1 round like x + identity and dz
     acc = tl.zeros((BLOCK_P, BLOCK_HW), dtype=tl.float64)
@@ -107,7 +86,7 @@ def _backward_nhwc_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
     c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     if HAS_GATE:
-        g = _load_math(g_ptr, n * C + c, c_mask, COMPUTE_F64)[None, :]
+        g = load_math(g_ptr, n * C + c, c_mask, COMPUTE_F64)[None, :]
     else:
         g = 1.0
     acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float64)
@@ -119,18 +98,6 @@ def _backward_nhwc_kernel(dy_ptr, x_ptr, g_ptr, id_ptr, dx_ptr, did_ptr, partial
         offs = (n * HW + hw)[:, None] * C + c[None, :]
         acc += _backward_tile(dy_ptr, x_ptr, id_ptr, dx_ptr, did_ptr, offs, mask, g, ACT, COMPUTE_F64)
     tl.store(partial_ptr + (n * splits + split) * C + c, tl.sum(acc, axis=0), mask=c_mask)
-
-
-def _tiles_nchw(planes, HW):
-    block_hw = min(triton.next_power_of_2(max(HW, 1)), 1024)
-    block_p = max(1, min(triton.next_power_of_2(planes), TILE // block_hw))
-    return block_p, block_hw
-
-
-def _tiles_nhwc(HW, C):
-    block_c = min(triton.next_power_of_2(max(C, 1)), 256)
-    block_hw = max(1, min(triton.next_power_of_2(max(HW, 1)), TILE // block_c))
-    return block_hw, block_c
 
 
 def _target_programs(device: torch.device) -> int:
@@ -169,12 +136,12 @@ def recalibrate_forward_triton(x, gate, identity, act: int, channels_last: bool)
     g, has_gate = _prepare_gate(gate, N, C, x)
     f64 = x.dtype == torch.float64
     if not channels_last:
-        block_p, block_hw = _tiles_nchw(N * C, HW)
+        block_p, block_hw = tiles_nchw(N * C, HW)
         grid = (triton.cdiv(N * C, block_p) * triton.cdiv(HW, block_hw),)
         _forward_nchw_kernel[grid](x, g, identity, out, N * C, HW, HAS_GATE=has_gate, ACT=act, COMPUTE_F64=f64,
                                    BLOCK_P=block_p, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     else:
-        block_hw, block_c = _tiles_nhwc(HW, C)
+        block_hw, block_c = tiles_nhwc(HW, C)
         grid = (N * triton.cdiv(HW, block_hw) * triton.cdiv(C, block_c),)
         _forward_nhwc_kernel[grid](x, g, identity, out, HW, C, HAS_GATE=has_gate, ACT=act, COMPUTE_F64=f64,
                                    BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS)
@@ -192,7 +159,7 @@ def recalibrate_backward_triton(grad, x, gate, identity, act: int, channels_last
     f64 = x.dtype == torch.float64
     target = _target_programs(x.device)
     if not channels_last:
-        block_p, block_hw = _tiles_nchw(N * C, HW)
+        block_p, block_hw = tiles_nchw(N * C, HW)
         p_blocks = triton.cdiv(N * C, block_p)
         splits, chunk = _splits(p_blocks, HW, block_hw, target)
         partial = torch.empty(N * C, splits, device=x.device, dtype=torch.float64)
@@ -200,7 +167,7 @@ def recalibrate_backward_triton(grad, x, gate, identity, act: int, channels_last
                                                   HAS_GATE=has_gate, ACT=act, COMPUTE_F64=f64, BLOCK_P=block_p,
                                                   BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     else:
-        block_hw, block_c = _tiles_nhwc(HW, C)
+        block_hw, block_c = tiles_nhwc(HW, C)
         programs = N * triton.cdiv(C, block_c)
         splits, chunk = _splits(programs, HW, block_hw, target)
         partial = torch.empty(N, splits, C, device=x.device, dtype=torch.float64)
