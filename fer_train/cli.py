@@ -120,19 +120,14 @@ def _checkpoint_path(path: str) -> Path:
     return path
 
 
-def _device(spec: str):
-    import torch
-    return torch.device("cuda" if spec == "auto" and torch.cuda.is_available() else ("cpu" if spec == "auto" else spec))
-
-
 def evaluate(args) -> int:
     from fer_train import checkpoint
     from fer_train.data import build_loader
-    from fer_train.engine import open_run_data
+    from fer_train.engine import Distributed, open_run_data, select_device
     from fer_train.evaluation import evaluate as run_evaluation, summary_table, write_confusion
 
     path = _checkpoint_path(args.checkpoint)
-    device = _device(args.device)
+    device = select_device(args.device, Distributed())
     model, config = checkpoint.load_model(path, device)
     given = {name: getattr(args, name) for name in DATASETS if getattr(args, name)}
     if given or args.synthetic:
@@ -158,9 +153,10 @@ def evaluate(args) -> int:
 
 def predict(args) -> int:
     from fer_train import checkpoint
+    from fer_train.engine import Distributed, select_device
     from fer_train.predict import collect_images, predict as run_prediction, write_predictions
 
-    device = _device(args.device)
+    device = select_device(args.device, Distributed())
     model, config = checkpoint.load_model(_checkpoint_path(args.checkpoint), device)
     paths = collect_images(args.inputs)
     rows = run_prediction(model, paths, image_size=config.data.image_size, device=device, batch_size=args.batch_size,

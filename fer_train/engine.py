@@ -33,6 +33,7 @@ from fer_kernels.fmix import FMix, fmix_loss
 from fer_train import checkpoint
 from fer_train.config import DATASETS, ConfigError, ModelConfig, OptimConfig, RunConfig
 from fer_train.data import CombinedDataset, MixedTargets, build_loader, class_weights, mixed_split, open_dataset
+from fer_train.data.datasets import FERPLUS_FOLDERS
 from fer_train.runlog import RunLog
 
 # Each set's splits (SPEC sections 7-8): the one watched during training, the ones reported at the end, and
@@ -150,7 +151,7 @@ def _open(name: str, root, split: str, config) -> object:
 def _has_split(root: Path, name: str, split: str) -> bool:
     """Whether a test or validation split is on disk (FERPlus copies often lack FER2013Test)."""
     if name == "ferplus":
-        return (root / {"valid": "FER2013Valid", "test": "FER2013Test"}[split] / "label.csv").is_file()
+        return (root / FERPLUS_FOLDERS[split] / "label.csv").is_file()
     return True
 
 

@@ -505,7 +505,8 @@ def _checked_box(path: Path, box: tuple[int, int, int, int], where: str,
 # ---------------------------------------------------------------------------------------------------
 # FERPlus
 
-_FERPLUS_FOLDERS = {"train": "FER2013Train", "valid": "FER2013Valid", "test": "FER2013Test"}
+FERPLUS_FOLDERS = {  # split -> folder under the FERPlus root
+    "train": "FER2013Train", "valid": "FER2013Valid", "test": "FER2013Test"}
 _FERPLUS_EXPECTS = "the folder holding FER2013Train/, FER2013Valid/ and FER2013Test/ (FERPlus layout)"
 _FERPLUS_FIELDS = 12  # image name, face box, then votes: the 8 emotions in CLASSES order, unknown, NF
 _BOX = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)")
@@ -543,7 +544,7 @@ def _read_ferplus(root: Path, split: str, issues: _Issues, label_mode: str = "ma
     if label_mode not in FERPLUS_LABEL_MODES:
         raise ValueError(f"open_dataset: ferplus label_mode must be one of {FERPLUS_LABEL_MODES}, "
                          f"got {label_mode!r}")
-    folder = _need(root / _FERPLUS_FOLDERS[split], f"the {split} split's folder", "ferplus", _FERPLUS_EXPECTS)
+    folder = _need(root / FERPLUS_FOLDERS[split], f"the {split} split's folder", "ferplus", _FERPLUS_EXPECTS)
     listing = _need(folder / "label.csv", "the label list", "ferplus", _FERPLUS_EXPECTS)
     records = []
     for line, row in _csv_rows(listing):
@@ -694,7 +695,7 @@ def _read_facial_expressions(root: Path, split: str, issues: _Issues) -> list[Re
 
 _LAYOUTS = {
     "affectnet": _Layout(_read_affectnet, ("train", "val"), (), _AFFECTNET_EXPECTS),
-    "ferplus": _Layout(_read_ferplus, tuple(_FERPLUS_FOLDERS), ("label_mode",), _FERPLUS_EXPECTS),
+    "ferplus": _Layout(_read_ferplus, tuple(FERPLUS_FOLDERS), ("label_mode",), _FERPLUS_EXPECTS),
     "rafdb": _Layout(_read_rafdb, ("train", "test"), (), _RAFDB_EXPECTS,
                      present_classes=tuple(sorted(_RAFDB_CLASSES.values()))),
     "facial_expressions": _Layout(_read_facial_expressions, ("train",), (), _FE_EXPECTS),
