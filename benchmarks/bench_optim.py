@@ -42,7 +42,7 @@ def parameters(model_name, booster, device, dtype, seed=0):
 
 
 def byte_floor(params) -> float:
-    """Bytes per step averaged over a Lookahead cycle (PERF.md): 28 B per float32 parameter, + 4 B for a
+    """Bytes per step averaged over a Lookahead cycle (the byte floor): 28 B per float32 parameter, + 4 B for a
     centralized gradient, + 8 B / k for the slow copy."""
     total = 0.0
     for p in params:

@@ -1,5 +1,5 @@
 """What every benchmark script shares: the environment record, the copy bandwidth, the timer, the byte floor
-of each op (/work/shared/PERF.md), the timing of forward / backward / both, and the results file.
+of each op, the timing of forward / backward / both, and the results file.
 
 Every time is reported against the byte floor: the fewest bytes the op must move (each input read once,
 each output written once) over the device-to-device copy bandwidth measured in the same run. The same
@@ -38,7 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CPU_THREADS = 2  # the workplace's CPU machines have 2 cores; every CPU figure is stated at this count
+CPU_THREADS = 2  # every CPU figure is measured, and stated, at this thread count
 
 # ResNet-50 at 224 x 224: (C, H, W) of the tensors each op sees in the fused model.
 # Mish runs on the stem and inside each bottleneck (after bn1 and bn2: planes channels); one shape per stage.
@@ -50,7 +50,7 @@ QUICK_BATCH, QUICK_MISH_SHAPES, QUICK_TAIL_SHAPES = 2, [(64, 28, 28)], [(256, 14
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
-# Fewest accesses per element, in elements of the storage dtype (PERF.md):
+# Fewest accesses per element, in elements of the storage dtype (the byte floor):
 #   mish: fwd reads x, writes y; bwd reads dy and x, writes dx.
 #   tail act(x * g + id): fwd reads x and id, writes y; bwd reads dy, x and id, writes dx and d_id, and
 #   the N x C gate adds per-(n, c) terms (fwd reads g; bwd reads g, writes dg), counted exactly below.
@@ -220,7 +220,7 @@ def input_sets(bytes_per_call: int, device: torch.device, limit: int = 32) -> in
 
 def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     """GB/s (bytes read + written) of torch.Tensor.copy_ between two preallocated buffers far larger than
-    the last-level cache: the device-to-device copy that PERF.md's fractions are measured against."""
+    the last-level cache: the device-to-device copy that every "fraction of copy bandwidth" is measured against."""
     nbytes = max(8 * cache_bytes(device), (256 << 20) if device.type == "cpu" else (1 << 30))
     if quick:
         nbytes = 4 * cache_bytes(device)
@@ -306,7 +306,7 @@ def check_variants(variants: dict[str, Variant], inputs: tuple, grad: torch.Tens
 
 QUICK_TIMER = dict(min_reps=3, min_seconds=0.02)
 TIMING_NOTES = [
-    "bytes_moved: the byte floor (each input read once, each output written once; PERF.md), the same for every "
+    "bytes_moved: the byte floor (each input read once, each output written once), the same for every "
     "variant, so achieved_GBps is effective bandwidth and fraction_of_copy_bandwidth is against the "
     "device-to-device copy measured in this run",
     "fwd: inputs require grad, so it is the forward of a training step (it also saves for backward)",

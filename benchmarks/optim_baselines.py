@@ -11,6 +11,7 @@ import math
 import torch
 
 from fer_kernels.optim import Lookahead
+from fer_kernels.reference import radam_rectifier
 
 
 def _centralized(params):
@@ -60,12 +61,9 @@ class PerParameterRanger(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                beta2_t = beta2 ** step
-                rho_inf = 2 / (1 - beta2) - 1
-                rho_t = rho_inf - 2 * step * beta2_t / (1 - beta2_t)
-                if rho_t >= 5:
-                    rect = math.sqrt((1 - beta2_t) * (rho_t - 4) / (rho_inf - 4) * (rho_t - 2) / rho_t
-                                     * rho_inf / (rho_inf - 2)) / (1 - beta1 ** step)
+                rectifier = radam_rectifier(step, beta2)
+                if rectifier is not None:  # the public code folds v's bias correction into the step size
+                    rect = rectifier * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
                     denom = exp_avg_sq.sqrt().add_(group["eps"])
                     weights.addcdiv_(exp_avg, denom, value=-rect * group["lr"])
                 else:

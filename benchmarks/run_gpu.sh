@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build, test and benchmark fer-kernels on a CUDA machine in one call (PERF.md, "The GPU machine").
+# Build, test and benchmark fer-kernels on a CUDA machine in one call.
 #
 #   bash benchmarks/run_gpu.sh                      all stages: build test mish recalibrate memory optim train pipeline
 #   bash benchmarks/run_gpu.sh mish recalibrate     some stages (a warm machine keeps the build)
@@ -54,7 +54,7 @@ stage_memory() { run timeout "$(limit 90)" $PY benchmarks/bench_memory.py --devi
 stage_optim() { run timeout "$(limit 90)" $PY benchmarks/bench_optim.py --device cuda; }
 stage_train() { run timeout "$(limit 240)" $PY benchmarks/bench_train.py --device cuda; }
 # no DALI on the GPU image: the PyTorch pipeline against the torchvision baseline, on the synthetic JPEGs
-# (../shared/data is not carried there), with the machine's cores as workers
+# (real data sets are not carried to the GPU machine), with the machine's cores as workers
 stage_pipeline() { run timeout "$(limit 120)" $PY benchmarks/bench_pipeline.py --device cuda --sets synthetic256 \
     --pipelines dali,torch,torchvision --workers "$(nproc)" --repeats 2; }
 

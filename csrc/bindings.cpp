@@ -1,6 +1,7 @@
-// The extension module fer_kernels._C: plain functions per device, called by the backends in
-// fer_kernels/_backends.py. The torch.library custom ops (autograd, fake tensors, torch.compile) are
-// defined in Python on top of these, so one op can choose between this module and Triton at run time.
+// The extension module fer_kernels._C: plain functions per device, registered as the "cpu" and "cuda"
+// implementations of the ops in fer_kernels/ops/. The torch.library custom ops (autograd, fake tensors,
+// torch.compile) are defined in Python on top of these, so one op can choose between this module and
+// Triton at run time.
 #include <torch/extension.h>
 
 #include "ops.h"

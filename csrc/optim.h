@@ -1,4 +1,4 @@
-// One element of the Ranger step (Gradient Centralization + RAdam + Lookahead, SPEC section 3): the one
+// One element of the Ranger step (Gradient Centralization + RAdam + Lookahead, docs/method.md section 3): the one
 // definition used by the CPU twin (csrc/cpu/optim.cpp) and the CUDA kernel (csrc/cuda/optim.cu).
 //
 // Everything that depends only on the step count and the hyperparameters (bias corrections, the RAdam

@@ -12,7 +12,7 @@
 
 namespace fer_kernels {
 
-// Values shared with fer_kernels/ops/recalibrate.py (ACTIVATIONS).
+// The index of each activation in fer_kernels.reference.ACTIVATIONS, which the Python side passes.
 enum class Act : int { Mish = 0, Relu = 1, None = 2 };
 
 template <Act A, typename T>

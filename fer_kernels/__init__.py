@@ -1,7 +1,9 @@
-"""fer-kernels: fused kernels, layers and ResNets for facial expression recognition.
+"""fer-kernels: fused kernels, layers, ResNets and optimizers for facial expression recognition.
 
     fer_kernels.mish(x)                                  fused Mish (forward and backward)
     fer_kernels.recalibrate(x, gate, identity, act)      fused Accuracy-Booster block tail
+    fer_kernels.augment(images, matrices, colour, size)  the augmentation pass: warp, colour, normalise
+    fer_kernels.fmix_mix(x, mask, perm)                  FMix's mix
     fer_kernels.nn                                       Mish, AccuracyBooster, Recalibrate, replace_activations
     fer_kernels.models                                   resnet18 / resnet50 (Mish, AB / ABP, fused or not)
     fer_kernels.optim                                    Ranger, GCRAdam (one fused step per model), Lookahead
@@ -9,12 +11,13 @@
     fer_kernels.reference                                the plain-PyTorch specification of every op
 """
 
-from fer_kernels._backends import BackendUnavailableError, backends
-from fer_kernels.ops import mish, recalibrate
-from fer_kernels import reference  # noqa: E402  (after the ops: nothing here depends on import order)
+from fer_kernels._dispatch import BackendUnavailableError, backends
+from fer_kernels.ops import augment, fmix_mix, mish, recalibrate
+from fer_kernels import reference
 
-__version__ = "0.1.0"
-__all__ = ["BackendUnavailableError", "backends", "mish", "recalibrate", "reference", "nn", "models", "optim"]
+__version__ = "0.2.0"
+__all__ = ["BackendUnavailableError", "augment", "backends", "fmix_mix", "mish", "recalibrate", "reference", "nn",
+           "models", "optim"]
 
 
 def __getattr__(name):

@@ -2,7 +2,7 @@
 
 Each op computes in the dtype it is given, op by op, as eager PyTorch would. The tests run it in float64
 for the "true" value and in the low-precision dtype for the error that plain PyTorch itself makes; the
-"reference" backend (fer_kernels/_backends.py) runs it in float32 for half-precision inputs. The
+"reference" backend (fer_kernels/_dispatch.py) runs it in float32 for half-precision inputs. The
 optimizer step (ranger_step) always computes in float64, the augmentation (augment) in the dtype it is
 asked for (float64 for the specification).
 """
@@ -88,21 +88,21 @@ def centralize_gradient(grad: torch.Tensor, conv_only: bool = False) -> torch.Te
     return grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
 
 
-def radam_rectifier(step: int, beta2: float) -> float | None:
-    """RAdam's variance rectifier r_t at step t (counted from 1), or None while rho_t < 5, the steps that
-    take un-adapted momentum (SPEC section 3)."""
+def radam_rectifier(step: int, beta2: float, threshold: float = 5.0) -> float | None:
+    """RAdam's variance rectifier r_t at step t (counted from 1), or None while rho_t < threshold (5: the
+    first 5 steps at beta2 = 0.999), the steps that take un-adapted momentum (docs/method.md section 3)."""
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     beta2_t = beta2 ** step
     rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
-    if rho_t < 5.0:
+    if rho_t < max(threshold, 4.0):  # below 4 the rectifier's square root has no real value
         return None
     return math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
 
 
 def ranger_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, betas: tuple[float, float],
                 eps: float, weight_decay: float, decoupled_weight_decay: bool, gc: bool, gc_conv_only: bool,
-                k: int, alpha: float) -> None:
-    """One Ranger update of one parameter, in place, computed in float64 (SPEC section 3).
+                k: int, alpha: float, rectifier_threshold: float = 5.0) -> None:
+    """One Ranger update of one parameter, in place, computed in float64 (docs/method.md section 3).
 
     state holds "step" (updates so far), "exp_avg", "exp_avg_sq" and, with Lookahead (k > 0),
     "slow_buffer"; missing entries start as 0 / a copy of the parameter. The state tensors keep their
@@ -127,7 +127,7 @@ def ranger_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: flo
     if weight_decay and decoupled_weight_decay:
         p = p * (1 - lr * weight_decay)
     m_hat = m / (1 - beta1 ** step)
-    rectifier = radam_rectifier(step, beta2)
+    rectifier = radam_rectifier(step, beta2, rectifier_threshold)
     if rectifier is None:
         p = p - lr * m_hat
     else:
@@ -147,7 +147,7 @@ def ranger_step(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: flo
 # --------------------------------------------------------------------------------------------------- FMix
 
 def fmix_mix(x: torch.Tensor, mask: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """FMix's mix (SPEC section 5): out = m * x + (1 - m) * x[perm], the mask broadcast over the channels.
+    """FMix's mix (docs/method.md section 5): out = m * x + (1 - m) * x[perm], the mask broadcast over the channels.
 
     x: N x C x H x W; mask: H x W (one mask for the whole batch, the official mode) or N x H x W (one per
     sample), values in [0, 1] (FMix's masks are binary); perm: N indices into the batch, normally a
@@ -199,7 +199,7 @@ def shift_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
 def augment(image: torch.Tensor, matrix: torch.Tensor, colour: torch.Tensor, out_size: int,
             mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """One image of the fused augmentation (fer_kernels.augment) in plain PyTorch: the specification (in
-    float64; fer_kernels.augment runs it in float32 for CPU tensors).
+    float64; the op's reference backend runs it in float32).
 
     image: uint8 C x H x W (C = 1 or 3), already cut to the face box. matrix: 2 x 3, maps an output pixel
     (column u, row v) to the source position x = m00 u + m01 v + m02, y = m10 u + m11 v + m12 in pixel
@@ -217,7 +217,7 @@ def augment(image: torch.Tensor, matrix: torch.Tensor, colour: torch.Tensor, out
     x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
     y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
     # grid_sample's reflection padding with align_corners=False mirrors about the pixel edges -0.5 and
-    # size - 0.5, then clamps: the "symmetric" border of SPEC section 6.
+    # size - 0.5, then clamps: the "symmetric" border of docs/method.md section 6.
     grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)[None]
     rgb = F.grid_sample(src[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
     brightness, contrast, saturation, hue = (float(c) for c in colour)

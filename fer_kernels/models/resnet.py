@@ -1,4 +1,4 @@
-"""ResNet-18 / ResNet-50 with Mish and the Accuracy Booster (SPEC section 2), in torchvision's layout.
+"""ResNet-18 / ResNet-50 with Mish and the Accuracy Booster (docs/method.md section 2), in torchvision's layout.
 
 Every block ends in ``act(bn(conv(...)) * gate + identity)``: with ``fused=True`` that tail is one
 kernel (fer_kernels.recalibrate) and Mish elsewhere is the fused Mish; with ``fused=False`` the same

@@ -1,6 +1,11 @@
-"""The fused ops, registered as torch.library custom ops (autograd, fake tensors, torch.compile)."""
+"""The ops, each registered once with the backends that serve it (fer_kernels/_dispatch.py): the fused Mish and
+block tail (torch.library custom ops with autograd and fake kernels), the optimizer step, the augmentation
+pass and FMix's mix."""
 
+from fer_kernels.ops.augment import augment
+from fer_kernels.ops.fmix_mix import fmix_mix
 from fer_kernels.ops.mish import mish
 from fer_kernels.ops.recalibrate import recalibrate
+from fer_kernels.ops import optim as _optim  # noqa: F401  (registers the optimizer step)
 
-__all__ = ["mish", "recalibrate"]
+__all__ = ["augment", "fmix_mix", "mish", "recalibrate"]

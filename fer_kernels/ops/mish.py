@@ -1,4 +1,4 @@
-"""fer_kernels.mish: the custom op, its fake implementation and its autograd formula.
+"""fer_kernels.mish: the op's registry entry, its custom op, fake implementation and autograd formula.
 
 The backward saves only the input (as F.mish does) and recomputes what it needs from it.
 """
@@ -7,8 +7,36 @@ from __future__ import annotations
 
 import torch
 
-from fer_kernels import _backends
+from fer_kernels import reference
+from fer_kernels._dispatch import (Inputs, Op, extension, half_to_float, lazy, requested, to_float64,
+                                   within_tolerance)
 from fer_kernels.ops._layout import check_float, dense, like
+
+
+def _reference_forward(x):
+    return torch.empty_like(x).copy_(reference.mish(half_to_float(x)))
+
+
+def _reference_backward(grad, x):
+    return torch.empty_like(x).copy_(reference.mish_backward(half_to_float(grad), half_to_float(x)))
+
+
+def _verify(stage, args, out):
+    """The stage's result against the reference in float64 (and plain PyTorch in the input's dtype)."""
+    plain = reference.mish if stage == "forward" else reference.mish_backward
+    return within_tolerance([(f"mish {stage}", out, plain(*map(to_float64, args)), plain(*args))])
+
+
+MISH = Op("mish", verify=_verify)
+MISH.implement("cuda", forward=extension("mish_forward_cuda"), backward=extension("mish_backward_cuda"))
+MISH.implement("triton", forward=lazy("fer_kernels.triton.mish", "mish_forward_triton"),
+               backward=lazy("fer_kernels.triton.mish", "mish_backward_triton"))
+MISH.implement("cpu", forward=extension("mish_forward_cpu"), backward=extension("mish_backward_cpu"))
+MISH.implement("reference", forward=_reference_forward, backward=_reference_backward)
+
+
+def _inputs(x: torch.Tensor) -> Inputs:
+    return Inputs(x.device, x.dtype, size=(x.numel(),))
 
 
 @torch.library.custom_op("fer_kernels::mish", mutates_args=())
@@ -16,7 +44,7 @@ def _mish(x: torch.Tensor, backend: str) -> torch.Tensor:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _backends.run("mish", "mish_forward", backend, x, _backends.shape_key(x.numel()), x)
+    return MISH("forward", backend, _inputs(x), x)
 
 
 @_mish.register_fake
@@ -30,7 +58,7 @@ def _mish_backward(grad: torch.Tensor, x: torch.Tensor, backend: str) -> torch.T
     grad = like(grad, x)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _backends.run("mish", "mish_backward", backend, x, _backends.shape_key(x.numel()), grad, x)
+    return MISH("backward", backend, _inputs(x), grad, x)
 
 
 @_mish_backward.register_fake
@@ -62,4 +90,4 @@ def mish(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     backend: None/"auto" (see fer_kernels.backends()), or one of "cuda", "triton", "cpu", "reference".
     """
     check_float(x, "fer_kernels.mish", "x")
-    return torch.ops.fer_kernels.mish(x, _backends.requested("mish", backend))
+    return torch.ops.fer_kernels.mish(x, requested("mish", backend))

@@ -13,11 +13,54 @@ from typing import Optional
 
 import torch
 
-from fer_kernels import _backends
+from fer_kernels import reference
+from fer_kernels._dispatch import (Inputs, Op, extension, half_to_float, lazy, requested, to_float64,
+                                   within_tolerance)
 from fer_kernels.ops._layout import check_float, in_format, tail_format
 from fer_kernels.reference import ACTIVATIONS
 
-ACT_CODES = _backends.ACT_CODES
+# Stage arguments: forward(x, gate, identity, act, channels_last) and backward(grad, x, gate, identity, act,
+# channels_last), act an index into ACTIVATIONS (the kernels' activation codes), x and identity (and grad) in
+# one layout, NCHW or channels-last as channels_last says.
+
+
+def _extension(name):
+    kernel = extension(name)
+    return lambda *args: kernel(*args[:-1])  # the C++ kernels read the layout from the strides
+
+
+def _reference_forward(x, gate, identity, act, channels_last):
+    out = reference.recalibrate(half_to_float(x), half_to_float(gate), half_to_float(identity), ACTIVATIONS[act])
+    return torch.empty_like(x).copy_(out)
+
+
+def _reference_backward(grad, x, gate, identity, act, channels_last):
+    dx, dgate, did = reference.recalibrate_backward(*map(half_to_float, (grad, x, gate, identity)), ACTIVATIONS[act])
+    return (torch.empty_like(x).copy_(dx), None if gate is None else dgate.to(gate.dtype),
+            torch.empty_like(x).copy_(did))
+
+
+def _verify(stage, args, out):
+    """The stage's results against the reference in float64 (and plain PyTorch in the inputs' dtype)."""
+    *tensors, act, _ = args
+    plain = reference.recalibrate if stage == "forward" else reference.recalibrate_backward
+    ref64 = plain(*map(to_float64, tensors), ACTIVATIONS[act])
+    ref = plain(*tensors, ACTIVATIONS[act])
+    if stage == "forward":
+        return within_tolerance([("recalibrate forward", out, ref64, ref)])
+    names = ("dx", "dgate", "didentity")
+    return within_tolerance([(f"recalibrate backward {n}", o, r64, r)
+                             for n, o, r64, r in zip(names, out, ref64, ref) if r64 is not None])
+
+
+RECALIBRATE = Op("recalibrate", verify=_verify)
+RECALIBRATE.implement("cuda", forward=_extension("recalibrate_forward_cuda"),
+                      backward=_extension("recalibrate_backward_cuda"))
+RECALIBRATE.implement("triton", forward=lazy("fer_kernels.triton.recalibrate", "recalibrate_forward_triton"),
+                      backward=lazy("fer_kernels.triton.recalibrate", "recalibrate_backward_triton"))
+RECALIBRATE.implement("cpu", forward=_extension("recalibrate_forward_cpu"),
+                      backward=_extension("recalibrate_backward_cpu"))
+RECALIBRATE.implement("reference", forward=_reference_forward, backward=_reference_backward)
 
 
 def _tail_inputs(x, identity, *others):
@@ -26,8 +69,10 @@ def _tail_inputs(x, identity, *others):
     return fmt, [in_format(t, fmt) for t in (x, identity) + others]
 
 
-def _spatial(x):
-    return x.numel() // max(x.shape[0] * x.shape[1], 1)
+def _inputs(x, fmt) -> Inputs:
+    spatial = x.numel() // max(x.shape[0] * x.shape[1], 1)
+    layout = "nchw" if fmt == torch.contiguous_format else "channels_last"
+    return Inputs(x.device, x.dtype, layout, size=(x.numel(), spatial))
 
 
 @torch.library.custom_op("fer_kernels::recalibrate", mutates_args=())
@@ -36,9 +81,8 @@ def _recalibrate(x: torch.Tensor, gate: Optional[torch.Tensor], identity: torch.
     fmt, (x, identity) = _tail_inputs(x, identity)
     if x.numel() == 0:
         return torch.empty_like(x)
-    key = _backends.shape_key(x.numel(), _spatial(x)) + (fmt,)
-    return _backends.run("recalibrate", "recalibrate_forward", backend, x, key, x, gate, identity, ACT_CODES[act],
-                         fmt != torch.contiguous_format)
+    return RECALIBRATE("forward", backend, _inputs(x, fmt), x, gate, identity, ACTIVATIONS.index(act),
+                       fmt != torch.contiguous_format)
 
 
 @_recalibrate.register_fake
@@ -55,9 +99,8 @@ def _recalibrate_backward(grad: torch.Tensor, x: torch.Tensor, gate: Optional[to
     if x.numel() == 0:
         dgate = torch.zeros_like(gate, memory_format=torch.contiguous_format) if gate is not None else x.new_empty(0)
         return torch.empty_like(x), dgate, torch.empty_like(x)
-    key = _backends.shape_key(x.numel(), _spatial(x)) + (fmt,)
-    dx, dgate, did = _backends.run("recalibrate", "recalibrate_backward", backend, x, key, grad, x, gate, identity,
-                                   ACT_CODES[act], fmt != torch.contiguous_format)
+    dx, dgate, did = RECALIBRATE("backward", backend, _inputs(x, fmt), grad, x, gate, identity,
+                                 ACTIVATIONS.index(act), fmt != torch.contiguous_format)
     return dx, (dgate if gate is not None else x.new_empty(0)), did
 
 
@@ -114,4 +157,4 @@ def recalibrate(x: torch.Tensor, gate: torch.Tensor | None, identity: torch.Tens
             raise ValueError(f"{op}: gate must be on {x.device}, got {gate.device}")
     if act not in ACTIVATIONS:
         raise ValueError(f"{op}: act must be one of {ACTIVATIONS}, got {act!r}")
-    return torch.ops.fer_kernels.recalibrate(x, gate, identity, act, _backends.requested("recalibrate", backend))
+    return torch.ops.fer_kernels.recalibrate(x, gate, identity, act, requested("recalibrate", backend))

@@ -1,100 +1,38 @@
-"""Ranger = Lookahead + RAdam, with Gradient Centralization (SPEC section 3), as one fused step.
+"""Ranger = Lookahead + RAdam, with Gradient Centralization (docs/method.md section 3), as one fused step.
 
 The step of a whole model is one kernel launch per bucket of parameters that share a group, a dtype, a
-device and a step count (usually one bucket per group and dtype). Inside it, every parameter is cut
-into plan rows: each row of a centralized gradient (all dims but 0) is one plan row, whose mean the
-kernel takes before the update; other parameters are cut into chunks. The math (csrc/optim.h,
-fer_kernels/triton/optim.py) follows the float64 specification fer_kernels.reference.ranger_step, which
-the "reference" backend runs parameter by parameter.
+device and a step count (usually one bucket per group and dtype): fer_kernels.ops.optim.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 from torch.optim import Optimizer
 
-from fer_kernels import _backends
+from fer_kernels._dispatch import Inputs, requested
 from fer_kernels.ops._layout import is_dense, like
+from fer_kernels.ops.optim import OPTIM, RangerBucket, plan_rows, step_scalars
 from fer_kernels.optim._state import load_state_keeping_dtypes, state_like
 
 __all__ = ["GCRAdam", "Ranger"]
 
 STATE_TENSORS = ("exp_avg", "exp_avg_sq", "slow_buffer")
-# Elements per plan row of a parameter whose gradient is not centralized: long enough to amortise a
-# program, short enough to spread a large bias or embedding over many.
-CHUNK = 8192
+# The keyword names of the public Ranger / RAdam implementations people migrate from, and ours.
+_MIGRATED_NAMES = {"use_gc": "gc", "N_sma_threshhold": "rectifier_threshold", "N_sma_threshold": "rectifier_threshold"}
 
 
-@dataclass
-class RangerBucket:
-    """One kernel launch: parameters of one group, dtype, device and step count, with their state."""
-
-    params: list
-    grads: list
-    states: list
-    slows: list
-    plan: torch.Tensor
-    scalars: dict
-    hyper: dict  # the group's hyperparameters, for the reference backend
-    step: int  # the step count after this update (t, from 1)
-    exp_avgs: list = field(init=False)
-    exp_avg_sqs: list = field(init=False)
-
-    def __post_init__(self):
-        self.exp_avgs = [s["exp_avg"] for s in self.states]
-        self.exp_avg_sqs = [s["exp_avg_sq"] for s in self.states]
-
-    def kernel_args(self):
-        return self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.slows, self.plan, self.scalars
+def _migrated(name: str, options: dict, given: dict) -> dict:
+    """`given` ({our name: value}) updated from `options` spelled as the public implementations spell them."""
+    for key, value in options.items():
+        ours = _MIGRATED_NAMES.get(key)
+        if ours is None:
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+        given[ours] = value
+    return given
 
 
 def _centralized(param: torch.Tensor, group: dict) -> bool:
     return bool(group["gc"]) and param.dim() > (3 if group["gc_conv_only"] else 1)
-
-
-def _plan(params: list, centralize: list, device: torch.device) -> torch.Tensor:
-    """Plan rows (tensor index, start, length, centralize) covering every element of every parameter."""
-    rows = []
-    for index, (param, central) in enumerate(zip(params, centralize)):
-        n = param.numel()
-        if n == 0:
-            continue
-        length = n // param.shape[0] if central else CHUNK
-        starts = torch.arange(0, n, length, dtype=torch.int64)
-        lengths = (n - starts).clamp(max=length)
-        rows.append(torch.stack([torch.full_like(starts, index), starts, lengths, torch.full_like(starts, central)], 1))
-    plan = torch.cat(rows) if rows else torch.empty(0, 4, dtype=torch.int64)
-    return plan.to(device)
-
-
-def step_scalars(group: dict, step: int) -> dict:
-    """Everything the kernels need that depends only on the hyperparameters and the step count t."""
-    lr = float(group["lr"])
-    beta1, beta2 = (float(b) for b in group["betas"])
-    weight_decay = float(group["weight_decay"])
-    decoupled = group["decoupled_weight_decay"]
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho_t = rho_inf - 2.0 * step * beta2 ** step / bias_correction2
-    rectified = rho_t >= 5.0
-    rectifier = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) \
-        if rectified else 1.0
-    k = group["k"]
-    return {
-        "beta1": beta1, "beta2": beta2, "one_minus_beta1": 1.0 - beta1, "one_minus_beta2": 1.0 - beta2,
-        "eps": float(group["eps"]),
-        "l2": 0.0 if decoupled else weight_decay,
-        "decay": 1.0 - lr * weight_decay if decoupled else 1.0,
-        "step_size": lr * rectifier / bias_correction1,
-        "inv_sqrt_bc2": 1.0 / math.sqrt(bias_correction2),
-        "alpha": float(group["alpha"]),
-        "rectified": rectified,
-        "sync": bool(k) and step % k == 0,
-    }
 
 
 def _check_group(name: str, group: dict, index: int) -> None:
@@ -104,7 +42,9 @@ def _check_group(name: str, group: dict, index: int) -> None:
               (0 <= beta2 < 1, f"betas[1] must be in [0, 1), got {beta2}"), (eps >= 0, f"eps must be >= 0, got {eps}"),
               (group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}"),
               (isinstance(group["k"], int) and group["k"] >= 0, f"k must be an int >= 1, got {group['k']!r}"),
-              (0 < group["alpha"] <= 1, f"alpha must be in (0, 1], got {group['alpha']}")]
+              (0 < group["alpha"] <= 1, f"alpha must be in (0, 1], got {group['alpha']}"),
+              (group.get("rectifier_threshold", 5.0) >= 4, "rectifier_threshold must be >= 4 (below 4 rho_t has no "
+                                                            f"rectifier), got {group.get('rectifier_threshold')}")]
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{where}: {message}")
@@ -116,7 +56,7 @@ class _FusedRanger(Optimizer):
     _name = ""
 
     def __init__(self, params, defaults: dict, backend: str | None):
-        self.backend = _backends.requested("optim", backend) if backend else None
+        self.backend = requested("optim", backend) if backend else None
         self._plans: dict[tuple, torch.Tensor] = {}
         super().__init__(params, {**defaults, "betas": tuple(defaults["betas"])})
 
@@ -162,11 +102,12 @@ class _FusedRanger(Optimizer):
             centralize = [_centralized(p, group) for p in params]
             key = (tuple(id(p) for p in params), tuple(centralize), device)
             if key not in self._plans:
-                self._plans[key] = _plan(params, centralize, device)
+                self._plans[key] = plan_rows(params, centralize, device)
             scalars = step_scalars(group, step + 1)
             states = [self.state[p] for p in params]
             hyper = {k: group[k] for k in ("betas", "eps", "weight_decay", "decoupled_weight_decay", "gc",
                                             "gc_conv_only", "k", "alpha")}
+            hyper["rectifier_threshold"] = group.get("rectifier_threshold", 5.0)  # absent in older state dicts
             buckets.append(RangerBucket(
                 params=params, grads=[like(p.grad, p) for p in params], states=states,
                 slows=[s["slow_buffer"] for s in states] if scalars["sync"] else [], plan=self._plans[key],
@@ -181,7 +122,8 @@ class _FusedRanger(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for bucket in self._buckets():
-            _backends.run("optim", "ranger_step", self.backend, bucket.params[0], (), bucket)
+            param = bucket.params[0]
+            OPTIM("step", self.backend, Inputs(param.device, param.dtype), bucket)
             for state in bucket.states:
                 state["step"] = bucket.step
         return loss
@@ -198,14 +140,16 @@ class GCRAdam(_FusedRanger):
 
     Args:
         params: parameters or param groups (a group may set any argument below but backend).
-        lr, betas, eps: RAdam's; eps is added outside the square root. The first steps, while the
-            variance rectifier is undefined (rho_t < 5: the first 5 at beta2 = 0.999), take un-adapted
-            momentum, ``p -= lr * m_hat``.
+        lr, betas, eps: RAdam's; eps is added outside the square root. The first steps, while
+            rho_t < rectifier_threshold (5: the first 5 at beta2 = 0.999), take un-adapted momentum,
+            ``p -= lr * m_hat``; then the rectified step.
         weight_decay: 0 (default) for none; L2 (added to the gradient before centralization), or
             decoupled (AdamW's ``p *= 1 - lr * weight_decay``) with ``decoupled_weight_decay=True``.
         gc: Gradient Centralization of every gradient of more than one dimension (conv kernels, linear
             weights); ``gc_conv_only=True`` limits it to those of more than three (conv kernels).
         backend: None / "auto", "cuda", "triton", "cpu" or "reference" (fer_kernels.backends()).
+        use_gc, N_sma_threshhold: the public Ranger's names for gc and rectifier_threshold, accepted with the
+            same meaning.
 
     float16 / bfloat16 parameters keep float32 state; parameters without a gradient are skipped (their
     step count does not advance); sparse and complex gradients are an error. With torch.amp.GradScaler,
@@ -216,29 +160,36 @@ class GCRAdam(_FusedRanger):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, decoupled_weight_decay: bool = False, gc: bool = True,
-                 gc_conv_only: bool = False, backend: str | None = None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay, gc=gc, gc_conv_only=gc_conv_only,
-                                      k=0, alpha=0.5), backend)
+                 gc_conv_only: bool = False, rectifier_threshold: float = 5.0, backend: str | None = None,
+                 **migrated):
+        super().__init__(params, _migrated("GCRAdam", migrated, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            gc=gc, gc_conv_only=gc_conv_only, rectifier_threshold=rectifier_threshold, k=0, alpha=0.5)), backend)
 
 
 class Ranger(_FusedRanger):
-    """Ranger: Lookahead around RAdam with Gradient Centralization (SPEC section 3), one fused step.
+    """Ranger: Lookahead around RAdam with Gradient Centralization (docs/method.md section 3), one fused step.
 
     The defaults are the paper's best (Table 3): lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay,
     Lookahead every k = 6 steps with alpha = 0.5, centralization of every gradient of more than one
     dimension. Every k updates of a parameter its slow copy (float32 state, starting as the parameter)
     moves alpha of the way to it and the parameter is reset to the slow copy; a parameter skipped for
     lack of a gradient keeps its own count. Other arguments as GCRAdam.
+
+    Coming from the public Ranger (lessw2020/Ranger-Deep-Learning-Optimizer): its keywords use_gc and
+    N_sma_threshhold are accepted, but its defaults differ from these: betas (0.95, 0.999) and eps 1e-5 there,
+    (0.9, 0.999) and 1e-8 here (the paper's); and it adds eps to sqrt(v) before v's bias correction, here
+    after (as RAdam). GC is on in both, for every gradient of more than one dimension.
     """
 
     _name = "Ranger"
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, k: int = 6, alpha: float = 0.5, gc: bool = True, *,
-                 gc_conv_only: bool = False, decoupled_weight_decay: bool = False, backend: str | None = None):
+                 gc_conv_only: bool = False, decoupled_weight_decay: bool = False, rectifier_threshold: float = 5.0,
+                 backend: str | None = None, **migrated):
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"Ranger: k must be an int >= 1, got {k!r}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay, gc=gc, gc_conv_only=gc_conv_only,
-                                      k=k, alpha=alpha), backend)
+        super().__init__(params, _migrated("Ranger", migrated, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            gc=gc, gc_conv_only=gc_conv_only, rectifier_threshold=rectifier_threshold, k=k, alpha=alpha)), backend)

@@ -4,14 +4,15 @@ Each output pixel is mapped to its source position by the sample's 2 x 3 matrix,
 uint8, CHW or HWC, grey or RGB, a face-box view of a larger image) is read through an address table and
 sampled bilinearly with mirrored borders, then brightness, contrast, saturation and hue are applied and
 the result normalised and stored. A first, small kernel takes each source's mean grey (for contrast).
-The specification is fer_kernels.reference.augment.
+The specification is fer_kernels.reference.augment; the op and its checks: fer_kernels/ops/augment.py.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-# 1024 output pixels per program, 4 warps. Not tuned on a GPU yet (none was available when written).
+# 1024 output pixels per program, 4 warps. Not tuned yet;
+# benchmarks/bench_pipeline.py measures it.
 BLOCK = 1024
 NUM_WARPS = 4
 META_COLUMNS = 6  # height, width, channel stride, row stride, column stride, channels
@@ -160,11 +161,8 @@ def _augment_kernel(table_ptr, meta_ptr, matrix_ptr, colour_ptr, grey_ptr, out_p
 
 
 def source_tables(images, device):
-    """Address and geometry (height, width, strides, channels) of each source image, on `device`."""
-    for i, im in enumerate(images):
-        if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] not in (1, 3):
-            raise ValueError(f"augment: images[{i}] must be uint8 C x H x W with C 1 or 3, got {im.dtype} "
-                             f"{tuple(im.shape)}")
+    """Address and geometry (height, width, strides, channels) of each source image (uint8 C x H x W, checked
+    by fer_kernels.augment), on `device`."""
     addresses = torch.tensor([im.data_ptr() for im in images], dtype=torch.int64)
     meta = torch.tensor([[im.shape[1], im.shape[2], im.stride(0), im.stride(1), im.stride(2), im.shape[0]]
                          for im in images], dtype=torch.int64)

@@ -8,6 +8,8 @@ non-finite values as torch.nn.functional.mish (see csrc/mish.h).
 import triton
 import triton.language as tl
 
+from fer_kernels.reference import ACTIVATIONS
+
 @triton.jit
 def load_math(ptr, offs, mask, COMPUTE_F64: tl.constexpr):
     """Load in the storage dtype and widen to the compute dtype: float64 for float64 tensors, else float32."""
@@ -18,10 +20,9 @@ def load_math(ptr, offs, mask, COMPUTE_F64: tl.constexpr):
         return v.to(tl.float32)
 
 
-# Activation codes, as csrc/recalibrate.h's enum Act and fer_kernels/ops/recalibrate.py.
-ACT_MISH: tl.constexpr = 0
-ACT_RELU: tl.constexpr = 1
-ACT_NONE: tl.constexpr = 2
+# Activation codes: the index in fer_kernels.reference.ACTIVATIONS (csrc/recalibrate.h's enum Act has the same).
+ACT_MISH: tl.constexpr = ACTIVATIONS.index("mish")
+ACT_RELU: tl.constexpr = ACTIVATIONS.index("relu")
 
 
 @triton.jit

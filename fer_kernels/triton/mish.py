@@ -6,8 +6,8 @@ import triton.language as tl
 
 from fer_kernels.triton.math import load_math, mish_derivative, mish_forward
 
-# 2048 elements per program, 4 warps: 16 elements (four 16-byte fp32 accesses) per thread. Not yet tuned
-# on a GPU (no GPU was available when written); benchmarks/bench_mish.py measures it.
+# 2048 elements per program, 4 warps: 16 elements (four 16-byte fp32 accesses) per thread. Not tuned yet;
+# benchmarks/bench_mish.py measures it.
 BLOCK = 2048
 NUM_WARPS = 4
 

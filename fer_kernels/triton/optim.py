@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-# 1024 elements per loop iteration, 4 warps: 8 per thread. Not yet tuned on a GPU (none was available
-# when written); benchmarks/bench_optim.py measures it.
+# 1024 elements per loop iteration, 4 warps: 8 per thread. Not tuned yet;
+# benchmarks/bench_optim.py measures it.
 BLOCK = 1024
 NUM_WARPS = 4
 

@@ -5,8 +5,8 @@ the tile shape, the kernels find their tile from the program id."""
 import triton
 import triton.language as tl
 
-# Elements per tile: 2048 with 4 warps (16 per thread). Not yet tuned on a GPU (none was available when
-# written); benchmarks/bench_recalibrate.py measures it.
+# Elements per tile: 2048 with 4 warps (16 per thread). Not tuned yet;
+# benchmarks/bench_recalibrate.py measures it.
 TILE = 2048
 NUM_WARPS = 4
 

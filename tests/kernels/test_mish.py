@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fer_kernels
 from fer_kernels import reference
-from conftest import BACKEND_DEVICES, FAST_BACKEND_DEVICES, assert_accurate, ids
+from helpers import BACKEND_DEVICES, FAST_BACKEND_DEVICES, assert_accurate, ids
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (7,), (3, 5, 7), (2, 3, 11, 13), (4099,)]

@@ -5,7 +5,7 @@ import torch
 
 import fer_kernels
 from fer_kernels import reference
-from conftest import BACKEND_DEVICES, FAST_BACKEND_DEVICES, assert_accurate, ids
+from helpers import BACKEND_DEVICES, FAST_BACKEND_DEVICES, assert_accurate, ids
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 ACTS = ["mish", "relu", "none"]

@@ -11,7 +11,7 @@ from torch import nn
 from fer_kernels import reference
 from fer_kernels.models import resnet18
 from fer_kernels.optim import GCRAdam, Lookahead, Ranger
-from conftest import FAST_BACKEND_DEVICES, ids
+from helpers import FAST_BACKEND_DEVICES, ids
 
 STEPS = 20  # un-adapted steps 1-5, rectified from 6, Lookahead syncs at 6, 12, 18 (and every 4 in group 2)
 
@@ -125,6 +125,31 @@ def test_centralization_switches(gc, gc_conv_only):
         fast_opt.step()
     _assert_state_close(fast_model, ref_model, torch.float64, "GCRAdam")
     assert "slow_buffer" not in fast_opt.state[fast_model.conv.weight]
+
+
+def test_public_ranger_keywords_and_rectifier_threshold():
+    """use_gc and N_sma_threshhold, as the public Ranger spells them, mean gc and rectifier_threshold; a
+    higher threshold keeps the un-adapted steps longer, on every backend as in the reference."""
+    torch.manual_seed(0)
+    models = [_Net().double() for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    ours = Ranger(models[0].parameters(), gc=False, rectifier_threshold=6.0, backend="cpu")
+    migrated = Ranger(models[1].parameters(), use_gc=False, N_sma_threshhold=6.0, backend="cpu")
+    ref = Ranger(models[2].parameters(), gc=False, rectifier_threshold=6.0, backend="reference")
+    assert migrated.param_groups[0]["gc"] is False and migrated.param_groups[0]["rectifier_threshold"] == 6.0
+    for step in range(9):
+        for model in models:
+            _grads(model, step, set())
+        for opt in (ours, migrated, ref):
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+    _assert_state_close(models[0], models[2], torch.float64, "threshold 6")
+    assert [reference.radam_rectifier(t, 0.999, 6.0) is None for t in range(1, 9)] == [True] * 6 + [False] * 2
+    with pytest.raises(TypeError, match="Ranger\\(\\) got an unexpected keyword argument 'gc_loc'"):
+        Ranger(models[0].parameters(), gc_loc=True)
+    with pytest.raises(ValueError, match="rectifier_threshold must be >= 4"):
+        GCRAdam(models[0].parameters(), N_sma_threshhold=3)
 
 
 def test_reference_centralizes_rows():

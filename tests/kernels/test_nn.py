@@ -55,7 +55,7 @@ def test_recalibrate_module():
         Recalibrate("gelu")
 
 
-def test_replace_activations_on_torchvision_resnet18():
+def test_replace_activations_on_torchvision_resnet18(caplog):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=8)
     expected = torchvision.models.resnet18(num_classes=8)
@@ -65,7 +65,9 @@ def test_replace_activations_on_torchvision_resnet18():
             if isinstance(child, nn.ReLU):
                 setattr(module, name, nn.Mish())
 
-    assert replace_activations(model) is model
+    with caplog.at_level("INFO", logger="fer_kernels.nn.convert"):
+        assert replace_activations(model) is model
+    assert caplog.messages == ["replace_activations: ReLU 9 places replaced by the fused Mish"]
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
     assert sum(isinstance(m, Mish) for m in model.modules()) == 9  # the stem's and one per block, shared
 
@@ -77,9 +79,11 @@ def test_replace_activations_on_torchvision_resnet18():
     torch.testing.assert_close(model.conv1.weight.grad, expected.conv1.weight.grad, rtol=1e-3, atol=1e-4)
 
 
-def test_replace_activations_options():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.ReLU())
-    replace_activations(model, activations=(nn.GELU,), backend="reference")
+def test_replace_activations_options(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.ReLU(), nn.Sequential(nn.GELU(), nn.SiLU()))
+    with caplog.at_level("INFO", logger="fer_kernels.nn.convert"):
+        replace_activations(model, activations=(nn.GELU, nn.SiLU), backend="reference")
+    assert caplog.messages == ["replace_activations: GELU 2 places, SiLU 1 place replaced by the fused Mish"]
     assert isinstance(model[1], Mish) and model[1].backend == "reference" and isinstance(model[2], nn.ReLU)
-    with pytest.warns(UserWarning, match="no SiLU module"):
+    with pytest.warns(UserWarning, match="no SiLU module to replace; it is unchanged"):
         replace_activations(nn.Sequential(nn.Linear(2, 2)), activations=(nn.SiLU,))

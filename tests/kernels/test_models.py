@@ -1,4 +1,4 @@
-"""The paper's ResNets: parameter counts (SPEC section 2), torchvision compatibility, fused == unfused."""
+"""The paper's ResNets: parameter counts (docs/method.md section 2), torchvision compatibility, fused == unfused."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from fer_kernels.models import load_torchvision_weights, resnet18, resnet50
 BUILDERS = {"resnet18": resnet18, "resnet50": resnet50}
 # torchvision's ResNets with an 8-class head: 11,689,512 - 507,904 - 992 and 25,557,032 - 2,031,616 - 992
 PLAIN = {"resnet18": 11_180_616, "resnet50": 23_524_424}
-ABP_WEIGHTS = {"resnet18": 696_320, "resnet50": 20_119_552}  # sum of C^2 over blocks, from the SPEC
+ABP_WEIGHTS = {"resnet18": 696_320, "resnet50": 20_119_552}  # sum of C^2 over blocks, docs/method.md section 2
 GATE_CHANNELS = {"resnet18": 2 * (64 + 128 + 256 + 512), "resnet50": 3 * 256 + 4 * 512 + 6 * 1024 + 3 * 2048}
 
 
