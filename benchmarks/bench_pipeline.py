@@ -2,7 +2,7 @@
 
 From encoded files to a float32 batch N x 3 x S x S in the device's memory, for fer_train.data's DALI
 pipeline, its fallback (PyTorch) pipeline and a torchvision DataLoader baseline with the paper's
-transforms (SPEC section 6), all with the same number of workers; on the shared FERPlus training images
+transforms (docs/method.md section 6), all with the same number of workers; on the shared FERPlus training images
 (48 x 48 PNG), facial_expressions (112 x 112 JPEG) and synthetic 256 x 256 JPEGs.
 
     python benchmarks/bench_pipeline.py [--device cpu|cuda] [--sets ferplus,facial_expressions,synthetic256]
@@ -20,7 +20,7 @@ batch is checked (shape, dtype, device) and touched (one element read on the CPU
 is synchronized at both ends of the window, so queued kernels are counted). images/s: the timed images
 over that time, median over the repeats; vs_torchvision: that median over the baseline's on the same set.
 
-synthetic256 is written once (faces of fer_train.data.synthetic drawn at 128 x 128, upscaled, JPEG
+synthetic256 is written once (faces of fer_train.data.readers.synthetic drawn at 128 x 128, upscaled, JPEG
 quality 90) in facial_expressions' layout under --cache, outside the repository, and read as that set.
 
 Writes benchmarks/results/<device>-pipeline.json (or --out); `python benchmarks/common.py
@@ -44,7 +44,7 @@ from torchvision import transforms
 
 import common
 from fer_train.data import DataError, build_loader, dali_available, open_dataset
-from fer_train.data.synthetic import draw_face, sample_seed
+from fer_train.data.readers.synthetic import draw_face, sample_seed
 
 SETS = ("ferplus", "facial_expressions", "synthetic256")
 PIPELINES = ("dali", "torch", "torchvision")
@@ -169,7 +169,7 @@ class PILFiles(Dataset):
 
 
 def paper_transform(train: bool, size: int, config) -> transforms.Compose:
-    """SPEC section 6 in torchvision's (v1) transforms, as the public implementations write it."""
+    """docs/method.md section 6 in torchvision's (v1) transforms, as the public implementations write it."""
     resize = [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)]
     normalise = [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
     if not train:
@@ -178,7 +178,7 @@ def paper_transform(train: bool, size: int, config) -> transforms.Compose:
         transforms.RandomHorizontalFlip(config.flip),
         transforms.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue),
         # RandomAffine has no mirrored border: the corners it uncovers get its default fill (black), not
-        # the specification's reflection; shear=15 shears along x only, as fer_kernels.augment does
+        # the specification's reflection; shear=15 shears along x only, as fer_train.recipe.augmentation does
         transforms.RandomAffine(degrees=config.rotation, shear=config.shear),
     ] + normalise)
 
@@ -188,7 +188,7 @@ class TorchvisionBaseline:
 
     def __init__(self, dataset, batch_size: int, train: bool, image_size: int, device: torch.device,
                  num_workers: int, seed: int):
-        from fer_kernels.augment import AugmentConfig
+        from fer_train.recipe.augmentation import AugmentConfig
         self.device = device
         self.loader = DataLoader(PILFiles(dataset, paper_transform(train, image_size, AugmentConfig())),
                                  batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
@@ -314,7 +314,7 @@ def main():
         "RandomHorizontalFlip, ColorJitter(0.25, 0.25, 0.05, 0.05), RandomAffine(15, shear=15) with its default "
         "black fill (torchvision has no mirrored border), then ToTensor, Normalize; batches moved to the device",
         "vs_torchvision: images_per_s over the torchvision baseline's on the same set in the same run",
-        "synthetic256: fer_train.data.synthetic faces drawn at 128 x 128, upscaled to 256 x 256 (bicubic), "
+        "synthetic256: fer_train.data.readers.synthetic faces drawn at 128 x 128, upscaled to 256 x 256 (bicubic), "
         "JPEG quality 90, read as a facial_expressions folder",
     ])
     for name in args.sets:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from fer_kernels.fmix import FMix, fmix_loss
 from fer_train.config import ModelConfig, OptimConfig
-from fer_train.engine import build_model, build_optimizer
+from fer_train.factories import build_model, build_optimizer
+from fer_train.recipe.fmix import FMix, fmix_loss
 
 import common
 

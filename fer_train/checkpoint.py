@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fer_train.errors import ConfigError
+
 FORMAT = "fer_train.checkpoint/1"
 
 
@@ -36,13 +38,13 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise ConfigError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} was not written by fer_train (no {FORMAT!r} format tag)")
+        raise ConfigError(f"checkpoint {path} was not written by fer_train (no {FORMAT!r} format tag)")
     state["path"] = str(path)
     return state
 
@@ -50,7 +52,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """(model in eval mode on `device`, the run's RunConfig) from a checkpoint or a run folder."""
     from fer_train.config import RunConfig, build_config
-    from fer_train.engine import build_model
+    from fer_train.factories import build_model
 
     state = load(path)
     config: RunConfig = build_config(state["config"]["preset"], overrides=_as_overrides(state["config"]),

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from pathlib import Path
 
-from fer_train.config import DATASETS, PRESETS, ConfigError, build_config, parse_overrides
+from fer_train.config import DATASETS, PRESETS, build_config, parse_overrides
+from fer_train.errors import ConfigError, DataError
 
 _SHORTCUTS = {  # flag -> config key, for what is set most often
     "steps": "train.steps", "batch_size": "train.batch_size", "micro_batch": "train.micro_batch",
@@ -21,11 +23,12 @@ _SHORTCUTS = {  # flag -> config key, for what is set most often
 def _data_flags(parser: argparse.ArgumentParser) -> None:
     for name in DATASETS:
         parser.add_argument(f"--{name.replace('_', '-')}", metavar="DIR", dest=name,
-                            help=f"the {name} folder (its on-disk layout: SPEC section 7)")
+                            help=f"the {name} folder (its on-disk layout: docs/method.md section 7)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fer_train", description=__doc__,
+    prog = "fer-train" if os.path.basename(sys.argv[0]) == "fer-train" else "python -m fer_train"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
 
@@ -123,11 +126,12 @@ def _checkpoint_path(path: str) -> Path:
 def evaluate(args) -> int:
     from fer_train import checkpoint
     from fer_train.data import build_loader
-    from fer_train.engine import Distributed, open_run_data, select_device
-    from fer_train.evaluation import evaluate as run_evaluation, summary_table, write_confusion
+    from fer_train.distributed import select_device
+    from fer_train.evaluation import evaluate_and_report
+    from fer_train.run_data import open_run_data
 
     path = _checkpoint_path(args.checkpoint)
-    device = select_device(args.device, Distributed())
+    device = select_device(args.device)
     model, config = checkpoint.load_model(path, device)
     given = {name: getattr(args, name) for name in DATASETS if getattr(args, name)}
     if given or args.synthetic:
@@ -136,16 +140,18 @@ def evaluate(args) -> int:
     if args.backend:
         config.data.backend = args.backend
     data = open_run_data(config)
+    if not data.test:
+        raise ConfigError(f"nothing to evaluate: {path}'s run had no test split, and none was given (--ferplus DIR, "
+                          "--affectnet DIR, --rafdb DIR or --synthetic)")
     out = Path(args.out) if args.out else path.parent / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name, dataset in data.test.items():
-        loader = build_loader(dataset, args.batch_size, False, config.data.image_size, device, config.data.backend,
-                              num_workers=config.data.workers, channels_last=config.train.channels_last)
-        results.append(run_evaluation(model, loader, name, device=device, channels_last=config.train.channels_last))
-        write_confusion(results[-1], out)
-    table = summary_table(results)
-    (out / "summary.md").write_text(f"# {path}: test results\n\n{table}\n")
+
+    def loader_for(name, dataset):
+        return build_loader(dataset, args.batch_size, False, config.data.image_size, device, config.data.backend,
+                            num_workers=config.data.workers, channels_last=config.train.channels_last)
+
+    _, table = evaluate_and_report(model, data.test, loader_for, out, f"{path}: test results", device=device,
+                                   channels_last=config.train.channels_last)
     print(f"{path}, step {checkpoint.load(path)['step']}:\n{table}")
     print(f"confusion matrices and summary: {out}")
     return 0
@@ -153,10 +159,10 @@ def evaluate(args) -> int:
 
 def predict(args) -> int:
     from fer_train import checkpoint
-    from fer_train.engine import Distributed, select_device
+    from fer_train.distributed import select_device
     from fer_train.predict import collect_images, predict as run_prediction, write_predictions
 
-    device = select_device(args.device, Distributed())
+    device = select_device(args.device)
     model, config = checkpoint.load_model(_checkpoint_path(args.checkpoint), device)
     paths = collect_images(args.inputs)
     rows = run_prediction(model, paths, image_size=config.data.image_size, device=device, batch_size=args.batch_size,
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             return predict(args)
         return presets()
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        # bad settings, paths and data: one line naming what is wrong, no traceback
+    except (ConfigError, DataError) as err:
+        # bad settings, paths and data: one line naming what is wrong; anything else is a bug and keeps its
+        # traceback (exit status 1)
         print(f"error: {err}", file=sys.stderr)
         return 2

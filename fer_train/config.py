@@ -7,6 +7,7 @@ Precedence, lowest first: the dataclass defaults, the preset, the config file, t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import tomllib
@@ -14,18 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fer_train.data.datasets import FERPLUS_LABEL_MODES, ON_ERROR, WEIGHT_SCHEMES
-from fer_train.data.loader import BACKENDS
+from fer_train.errors import ConfigError
 
+# The choices settings may take; the modules that implement them import these names from here.
 DATASETS = ("affectnet", "ferplus", "rafdb", "facial_expressions")
+FERPLUS_LABEL_MODES = ("majority", "plurality", "soft")  # docs/method.md section 7
+ON_ERROR = ("raise", "skip")
+WEIGHT_SCHEMES = ("eq3", "eq4", "none")  # docs/method.md section 4
+DATA_BACKENDS = ("auto", "dali", "torch")
 ARCHS = ("resnet18", "resnet50")
 OPTIMIZERS = ("ranger", "radam", "sgd")  # ranger = Lookahead + RAdam (+ GC with optim.gc); radam = GC-RAdam alone
 SCHEDULES = ("flat_cosine", "cosine", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, file or path; raised before any work starts."""
 
 
 @dataclass
@@ -44,7 +45,7 @@ class DataConfig:
     image_size: int = 224
     backend: str = "auto"  # DALI where installed, else the PyTorch pipeline
     workers: int = 2
-    class_weights: str = "eq3"  # SPEC section 4: eq3, eq4 or none
+    class_weights: str = "eq3"  # docs/method.md section 4: eq3, eq4 or none
     fmix: bool = True
     fmix_alpha: float = 1.0
     fmix_decay_power: float = 3.0
@@ -106,7 +107,7 @@ class RunConfig:
 
 
 def _paper(**sections) -> dict:
-    """A paper preset: 60,000 steps of batch 256, evaluation every 500 (SPEC section 4) plus `sections`."""
+    """A paper preset: 60,000 steps of batch 256, evaluation every 500 (docs/method.md section 4) plus `sections`."""
     return {"train": {"steps": 60_000, "batch_size": 256, "eval_every": 500}, **sections}
 
 
@@ -254,6 +255,14 @@ def build_config(preset: str = "default", file: str | os.PathLike | None = None,
     return config
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def _one_of(value, allowed, where):
     if value not in allowed:
         raise ConfigError(f"{where} must be one of {allowed}, got {value!r}")
@@ -274,7 +283,10 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"preset {config.preset} trains on real data: give it with {flag} DIR")
     _one_of(d.ferplus_label_mode, FERPLUS_LABEL_MODES, "data.ferplus_label_mode")
     _one_of(d.on_error, ON_ERROR, "data.on_error")
-    _one_of(d.backend, BACKENDS, "data.backend")
+    _one_of(d.backend, DATA_BACKENDS, "data.backend")
+    if d.backend == "dali" and not installed("nvidia.dali"):
+        raise ConfigError("data.backend=dali but NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 "
+                          "(or fer-kernels[dali]), or use data.backend=auto / torch")
     _one_of(d.class_weights, WEIGHT_SCHEMES, "data.class_weights")
     _one_of(m.arch, ARCHS, "model.arch")
     _one_of(m.act, ("mish", "relu"), "model.act")

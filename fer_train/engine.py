@@ -1,4 +1,4 @@
-"""The training engine: the paper's recipe (SPEC sections 3-8) as a step-based loop.
+"""The training engine: the paper's recipe (docs/method.md sections 3-8) as a step-based loop.
 
 Per optimizer step: `accumulation` micro-batches per process, each FMix-mixed by the loader, through the
 model under autocast, the class-weighted FMix loss backward (DDP averages the gradients across processes
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import signal
+import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,158 +28,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fer_kernels.fmix import FMix, fmix_loss
 from fer_train import checkpoint
-from fer_train.config import DATASETS, ConfigError, ModelConfig, OptimConfig, RunConfig
-from fer_train.data import CombinedDataset, MixedTargets, build_loader, class_weights, mixed_split, open_dataset
-from fer_train.data.datasets import FERPLUS_FOLDERS
+from fer_train.config import RunConfig, installed
+from fer_train.errors import ConfigError
+from fer_train.data import MixedTargets, build_loader, class_weights
+from fer_train.distributed import init_distributed, select_device
+from fer_train.evaluation import evaluate, evaluate_and_report
+from fer_train.factories import amp_dtype, build_model, build_optimizer
+from fer_train.recipe.fmix import FMix, fmix_loss
+from fer_train.recipe.schedule import lr_factor
+from fer_train.run_data import open_run_data
 from fer_train.runlog import RunLog
 
-# Each set's splits (SPEC sections 7-8): the one watched during training, the ones reported at the end, and
-# the ones pooled into the mixed evaluation. RAF-DB has no validation split: it is seen during training
-# only through mixed-val; facial_expressions is training data only.
-VALIDATION = {"affectnet": "val", "ferplus": "valid", "synthetic": "val"}
-TEST = {"affectnet": ("val",), "ferplus": ("valid", "test"), "rafdb": ("test",), "synthetic": ("test",)}
-MIXED_POOL = {"affectnet": ("val",), "ferplus": ("valid", "test"), "rafdb": ("test",)}
+__all__ = ["NonFiniteLoss", "Trainer"]
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> Distributed:
-    """torchrun's environment -> the process group (NCCL on GPUs, gloo on CPUs); one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def select_device(spec: str, distributed: Distributed) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={spec} but this machine has no CUDA GPU")
-        device = torch.device("cuda", device.index if device.index is not None else distributed.local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of train.amp; auto: bf16 on GPUs that have it, fp16 on older ones, none on CPUs
-    (CPU autocast is slower than float32 for these convolutions)."""
-    if mode == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
-
-
-def build_model(config: ModelConfig, pretrained: bool = True) -> torch.nn.Module:
-    from fer_kernels.models import resnet18, resnet50
-
-    weights = None
-    if pretrained and config.pretrained == "imagenet":
-        import torchvision.models as tvm
-        weights = (tvm.ResNet18_Weights if config.arch == "resnet18" else tvm.ResNet50_Weights).IMAGENET1K_V1
-    elif pretrained and config.pretrained is not None:
-        weights = config.pretrained
-    builder = resnet18 if config.arch == "resnet18" else resnet50
-    return builder(num_classes=8, act=config.act, booster=config.booster, fused=config.fused, weights=weights)
-
-
-def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    from fer_kernels.optim import GCRAdam, Ranger
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    common = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay,
-                  gc=config.gc)
-    if config.name == "radam":
-        return GCRAdam(params, **common)
-    return Ranger(params, k=config.k, alpha=config.alpha, **common)
-
-
-def lr_factor(step: int, total: int, schedule: str, flat_fraction: float) -> float:
-    """The learning rate of step `step` (0-based) over the configured one: flat for flat_fraction of the
-    run, then half a cosine down to 0 at the last step (the authors' schedule); or cosine from the start,
-    or constant."""
-    if schedule == "constant":
-        return 1.0
-    flat = int(total * flat_fraction) if schedule == "flat_cosine" else 0
-    if step < flat:
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - flat) / max(total - flat, 1)))
-
-
-@dataclass
-class RunData:
-    """The training set and the evaluation sets of a run, opened and checked before training starts."""
-
-    train: object
-    selection: tuple[str, object] | None  # (name, data set) whose accuracy picks best.pt
-    validation: dict[str, object] = field(default_factory=dict)  # evaluated every eval_every steps
-    test: dict[str, object] = field(default_factory=dict)  # evaluated with the best model at the end
-
-
-def _open(name: str, root, split: str, config) -> object:
-    d = config.data
-    if name == "synthetic":
-        length = d.synthetic_length if split == "train" else d.synthetic_eval_length
-        return open_dataset("synthetic", None, split, size=d.synthetic_size, length=length, on_error=d.on_error)
-    options = {"label_mode": d.ferplus_label_mode} if name == "ferplus" else {}
-    return open_dataset(name, root, split, on_error=d.on_error, **options)
-
-
-def _has_split(root: Path, name: str, split: str) -> bool:
-    """Whether a test or validation split is on disk (FERPlus copies often lack FER2013Test)."""
-    if name == "ferplus":
-        return (root / FERPLUS_FOLDERS[split] / "label.csv").is_file()
-    return True
-
-
-def open_run_data(config: RunConfig) -> RunData:
-    """The configured sets (or the synthetic one), their evaluation splits and the mixed split."""
-    roots = {name: Path(getattr(config.data, name)) for name in DATASETS if getattr(config.data, name)}
-    if not roots:
-        roots = {"synthetic": None}
-    parts = [_open(name, root, "train", config) for name, root in roots.items()]
-    train = parts[0] if len(parts) == 1 else CombinedDataset(parts)
-    data = RunData(train, None)
-    splits = {(name, split) for name in roots for split in TEST.get(name, ()) + ((VALIDATION[name],) if name in
-                                                                                 VALIDATION else ())}
-    opened = {(name, split): _open(name, roots[name], split, config) for name, split in sorted(splits)
-              if roots[name] is None or _has_split(roots[name], name, split)}
-    for name in roots:
-        if (name, VALIDATION.get(name)) in opened:
-            data.validation[f"{name} {VALIDATION[name]}"] = opened[name, VALIDATION[name]]
-        for split in TEST.get(name, ()):
-            if (name, split) in opened:
-                data.test[f"{name} {split}"] = opened[name, split]
-    pooled = [opened[name, split] for name in roots for split in MIXED_POOL.get(name, ()) if (name, split) in opened]
-    if len({d.name for d in pooled}) > 1:  # the mixed evaluation needs sets to mix
-        mixed_val, mixed_test = mixed_split(pooled, config.data.split_seed)
-        data.validation = {"mixed val": mixed_val, **data.validation}
-        data.test = {"mixed test": mixed_test, **data.test}
-    if data.validation:
-        data.selection = next(iter(data.validation.items()))
-    return data
 
 
 class Trainer:
@@ -207,6 +71,12 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.data = open_run_data(config)
+        if self.data.test and not installed("matplotlib"):  # found now, not after hours of training
+            raise ConfigError("the run ends by plotting confusion matrices, which needs matplotlib: pip install "
+                              "matplotlib (or fer-kernels[train])")
+        if len(self.data.train) < micro * self.dist.world:
+            raise ConfigError(f"the training set has {len(self.data.train)} images, fewer than one micro-batch of "
+                              f"{micro} on each of {self.dist.world} processes: lower train.batch_size")
         self.model = build_model(config.model, pretrained=resume is None).to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -374,7 +244,6 @@ class Trainer:
 
     @staticmethod
     def _is_main_thread() -> bool:
-        import threading
         return threading.current_thread() is threading.main_thread()
 
     def describe(self) -> str:
@@ -393,21 +262,19 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------------
 
-    def _evaluate(self, name: str, dataset):
-        from fer_train.evaluation import evaluate
-
+    def _eval_loader(self, name: str, dataset):
         c = self.config
         if name not in self._eval_loaders:  # built once: a DALI pipeline keeps its worker processes
             self._eval_loaders[name] = build_loader(
                 dataset, max(c.train.eval_batch_size // self.dist.world, 1), False, c.data.image_size, self.device,
                 c.data.backend, rank=self.dist.rank, world=self.dist.world, num_workers=c.data.workers,
                 channels_last=c.train.channels_last)
-        return evaluate(self.model, self._eval_loaders[name], name, device=self.device, amp_dtype=self.amp_dtype,
-                        channels_last=c.train.channels_last)
+        return self._eval_loaders[name]
 
     def _validate(self) -> None:
         for name, dataset in self.data.validation.items():
-            result = self._evaluate(name, dataset)
+            result = evaluate(self.model, self._eval_loader(name, dataset), name, device=self.device,
+                              amp_dtype=self.amp_dtype, channels_last=self.config.train.channels_last)
             self.log.evaluation(self.step, result)
             if self.data.selection and name == self.data.selection[0] and result.accuracy > self.best["accuracy"]:
                 self.best = {"accuracy": result.accuracy, "step": self.step}
@@ -415,20 +282,17 @@ class Trainer:
 
     def final_evaluation(self) -> list:
         """The best model (or the last, without a selection set) on every test split; writes the reports."""
-        from fer_train.evaluation import summary_table, write_confusion
-
         best = self.run_dir / "best.pt"
         if self.data.selection and self.dist.world > 1:
             dist.barrier()  # rank 0 wrote best.pt
         if self.data.selection and best.is_file():
             self.model.load_state_dict(checkpoint.load(best)["model"])
-        results = [self._evaluate(name, dataset) for name, dataset in self.data.test.items()]
-        if self.dist.main and results:
-            for result in results:
-                write_confusion(result, self.run_dir)
-            table = summary_table(results)
-            chosen = f"best.pt (step {self.best['step']})" if self.best["step"] is not None else "the last step"
-            (self.run_dir / "summary.md").write_text(f"# {self.run_dir.name}: test results of {chosen}\n\n{table}\n")
+        chosen = f"best.pt (step {self.best['step']})" if self.best["step"] is not None else "the last step"
+        results, table = evaluate_and_report(
+            self.model, self.data.test, self._eval_loader, self.run_dir, f"{self.run_dir.name}: test results of {chosen}",
+            write=self.dist.main, device=self.device, amp_dtype=self.amp_dtype,
+            channels_last=self.config.train.channels_last)
+        if results:
             self.log.message(f"\ntest results of {chosen}:\n{table}")
         self.log.message(f"run files: {self.run_dir}")
         return results

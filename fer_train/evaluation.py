@@ -23,9 +23,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fer_train.data.datasets import CLASSES
+from fer_train.data.base import CLASSES
 
-__all__ = ["EvalResult", "confusion_matrix", "evaluate", "read_confusion", "slug", "summary_table", "write_confusion"]
+__all__ = ["EvalResult", "confusion_matrix", "evaluate", "evaluate_and_report", "slug", "summary_table",
+           "write_confusion"]
 
 
 def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, classes: int = len(CLASSES)) -> torch.Tensor:
@@ -78,20 +79,13 @@ class EvalResult:
         return self.normalised().diagonal() / 100.0
 
     def to_dict(self) -> dict:
-        """JSON-ready (NaN becomes None, which JSON has); from_dict() reads it back."""
+        """JSON-ready (NaN becomes None, which JSON has)."""
         per_class = self.per_class_accuracy.tolist()
         return {"name": self.name, "images": self.count, "accuracy": _finite_or_none(self.accuracy),
                 "loss": _finite_or_none(self.loss),
                 "per_class_accuracy": {c: _finite_or_none(a) for c, a in zip(self.classes, per_class)},
                 "present_classes": [self.classes[c] for c in self.present_classes],
                 "confusion": self.confusion.tolist()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EvalResult:
-        loss = data["loss"]
-        return cls(data["name"], torch.tensor(data["confusion"], dtype=torch.int64),
-                   math.nan if loss is None else float(loss),
-                   tuple(CLASSES.index(c) for c in data["present_classes"]))
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -168,6 +162,21 @@ def evaluate(model: torch.nn.Module, loader, name: str, *, device=None, amp_dtyp
     return EvalResult(name, confusion, loss, present_classes)
 
 
+def evaluate_and_report(model: torch.nn.Module, splits: dict, loader_for: Callable, directory, title: str, *,
+                        write: bool = True, **options) -> tuple[list[EvalResult], str]:
+    """Evaluates `model` on every split ({name: data set}; loader_for(name, data set) gives its loader) and,
+    with `write`, leaves the reports in `directory`: confusion-<split>.csv and .png per split and summary.md
+    (under the heading `title`). options: as evaluate's (device, amp_dtype, channels_last). Returns the
+    results and the summary table."""
+    results = [evaluate(model, loader_for(name, dataset), name, **options) for name, dataset in splits.items()]
+    table = summary_table(results)
+    if write and results:
+        for result in results:
+            write_confusion(result, directory)
+        (Path(directory) / "summary.md").write_text(f"# {title}\n\n{table}\n")
+    return results, table
+
+
 def slug(name: str) -> str:
     """A file-name part from a result name: "FERPlus valid" -> "ferplus-valid"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "eval"
@@ -177,7 +186,7 @@ def write_confusion(result: EvalResult, directory) -> tuple[Path, Path]:
     """Write confusion-<slug>.csv and confusion-<slug>.png into `directory` (created if needed) and
     return their paths.
 
-    CSV format (read_confusion() reads it back):
+    CSV format:
         true \\ predicted,neutral,happy,...,contempt,images
         neutral,93.5000,1.2500,...,0.0000,160       <- one row per true class: percent of that row's images
         ...                                            predicted as each class, then the row's image count;
@@ -197,17 +206,6 @@ def write_confusion(result: EvalResult, directory) -> tuple[Path, Path]:
         writer.writerow(["predicted", *counts.sum(0).tolist(), result.count])
     _plot_confusion(result, png_path)
     return csv_path, png_path
-
-
-def read_confusion(path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 [8, 8] row percentages with NaN rows, int64 [8] images per true class) from a CSV of
-    write_confusion(). The counts are round(percent * images / 100); exact for rows under 10^6 images."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    body = rows[1:-1]  # header and the "predicted" totals row around the per-class rows
-    percent = torch.tensor([[float(v) if v else math.nan for v in row[1:-1]] for row in body], dtype=torch.float64)
-    images = torch.tensor([int(row[-1]) for row in body], dtype=torch.int64)
-    return percent, images
 
 
 def _plot_confusion(result: EvalResult, path: Path) -> None:

@@ -1,6 +1,6 @@
 """Predict expressions of face images on disk: each whole image is taken as the face box and goes
 through the evaluation transform of training (resize the shorter side, centre crop, ImageNet
-normalisation; fer_kernels.augment with train=False), so a model sees what it saw on validation sets.
+normalisation; fer_train.recipe.augmentation with train=False), so a model sees what it saw on validation sets.
 
     paths = collect_images(["faces/", "one.jpg"])
     rows = predict(model, paths)                # [{"path", "class", "probabilities": {class: p}}]
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from fer_kernels.augment import AugmentConfig, augment, full_boxes, sample_params
-from fer_train.data.datasets import CLASSES, DataError
-from fer_train.data.torch_pipeline import decode_cpu
+from fer_train.data.base import CLASSES
+from fer_train.errors import DataError
+from fer_train.data.images import load
 from fer_train.evaluation import _model_device, _unwrap
+from fer_train.recipe.augmentation import AugmentConfig, apply, full_boxes, sample_params
 
-__all__ = ["IMAGE_EXTENSIONS", "collect_images", "load_image", "predict", "write_predictions"]
+__all__ = ["IMAGE_EXTENSIONS", "collect_images", "predict", "write_predictions"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # what torchvision's decode_image reads
 
@@ -48,18 +49,6 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
     return list(found)
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """uint8 C x H x W (C = 1 for grey, else 3; alpha dropped) of an image file; DataError naming the
-    file when it cannot be read or decoded."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the file ({err.strerror})") from err
-    if not data:  # torch.frombuffer rejects empty buffers with an error about tensors, not the file
-        raise DataError(f"{path}: the file is empty, not an image")
-    return decode_cpu(torch.frombuffer(bytearray(data), dtype=torch.uint8), str(path))
-
-
 def predict(model: torch.nn.Module, paths: list[str | Path], *, image_size: int = 224, device=None,
             batch_size: int = 64, channels_last: bool = False) -> list[dict]:
     """One row per path, in order: {"path": str, "class": the most probable class name, "probabilities":
@@ -76,9 +65,9 @@ def predict(model: torch.nn.Module, paths: list[str | Path], *, image_size: int 
         with torch.no_grad():
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
-                images = [load_image(p).to(device) for p in chunk]
+                images = [load(p).to(device) for p in chunk]
                 params = sample_params(full_boxes([im.shape[1:] for im in images]), train=False, config=config)
-                batch = augment(images, params, channels_last=channels_last)
+                batch = apply(images, params, channels_last=channels_last)
                 logits = inner(batch).float()
                 if logits.dim() != 2 or logits.shape[1] != len(CLASSES):
                     raise ValueError(f"predict: the model gives outputs of shape {tuple(logits.shape)}, expected "

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 import fer_kernels
 from fer_kernels import reference
 from fer_kernels.models import resnet18
+from fer_kernels.optim import Ranger
 
 
 def _environment(device: torch.device) -> str:
-    ext = fer_kernels._backends._C
+    ext = fer_kernels._dispatch._C
     ext_state = "not built" if ext is None else ("CPU + CUDA kernels" if ext.with_cuda else "CPU kernels")
     try:
         import triton
@@ -72,7 +73,7 @@ def _check_training(device, steps):
     model = resnet18().to(device).to(memory_format=torch.channels_last)
     images = torch.randn(16, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(16, device=device) % 8
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = Ranger(model.parameters(), lr=1e-2)
     losses = []
     start = time.perf_counter()
     for step in range(steps):
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
         except AssertionError as err:
             print(f"    FAILED: {err}")
             return 1
-    print("Self-check passed. The training engine (python -m fer_train train ...) is not part of this release yet.")
+    print("Self-check passed. Train with python -m fer_train (the built-in default run) or python -m fer_train train "
+          "--help.")
     return 0
 
 

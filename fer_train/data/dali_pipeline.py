@@ -2,7 +2,7 @@
 with a mirrored border, colour jitter and normalisation, from the files of any fer_train data set.
 
 A parallel external source reads each batch's files in Python worker processes and draws each
-sample's parameters exactly as the PyTorch pipeline does (fer_kernels.augment.sample_params from
+sample's parameters exactly as the PyTorch pipeline does (fer_train.data.pipeline.Pipeline.params, from
 (seed, epoch, index)): resize, crop, face box, flip, rotation and shear become one matrix, so DALI does
 the geometry as a single warp of the decoded image (one pass at the output size instead of one per
 step).
@@ -24,9 +24,8 @@ import io
 import numpy as np
 import torch
 
-from fer_kernels.augment import AugmentConfig, AugmentParams, augment, full_boxes, sample_keys, sample_params
-from fer_train.data.order import EpochOrder
-from fer_train.data.torch_pipeline import locate, stack_targets
+from fer_train.data.pipeline import Pipeline, stack_targets
+from fer_train.recipe.augmentation import AugmentParams, apply, full_boxes
 
 
 def dali_available() -> bool:
@@ -69,10 +68,8 @@ class _BatchSource:
     """The external source: batch `info.iteration` of the epoch, as encoded files, targets, 3 x 3 warp
     matrices (output pixel -> source pixel) and colour factors. Runs in DALI's worker processes."""
 
-    def __init__(self, dataset, order: EpochOrder, train: bool, config: AugmentConfig, seed: int,
-                 first_epoch: int, first_position: int, gpu: bool):
-        self.dataset, self.order, self.train, self.config, self.seed = dataset, order, train, config, seed
-        self.gpu = gpu
+    def __init__(self, pipeline: DaliPipeline, first_epoch: int, first_position: int, gpu: bool):
+        self.pipeline, self.gpu = pipeline, gpu
         self.first_epoch, self.first_position = first_epoch, first_position
         self._epoch, self._batches = None, None
 
@@ -84,23 +81,20 @@ class _BatchSource:
             torch.set_num_threads(1)
         epoch = self.first_epoch + info.epoch_idx
         position = info.iteration + (self.first_position if info.epoch_idx == 0 else 0)
+        pipeline = self.pipeline
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, self.order.batches(epoch)
+            self._epoch, self._batches = epoch, pipeline.order.batches(epoch)
         if position >= len(self._batches):
             raise StopIteration
         indices = self._batches[position]
         files, targets, boxes = [], [], []
         for index in indices.tolist():
-            part, local = locate(self.dataset, index)
-            record = part.records[local]
+            part, local, record = pipeline.sample(index)
             data = part.encoded(local)
-            target = torch.tensor(record.soft, dtype=torch.float32) if record.soft is not None else \
-                torch.tensor(record.label)
             files.append(np.frombuffer(data, dtype=np.uint8))
-            targets.append(target)
+            targets.append(pipeline.target(record))
             boxes.append(record.box if record.box is not None else full_boxes([_image_size(data)])[0].tolist())
-        keys = sample_keys(self.seed, epoch, indices) if self.train else None
-        params = sample_params(torch.tensor(boxes, dtype=torch.float64), self.train, keys, self.config)
+        params = pipeline.params(torch.tensor(boxes, dtype=torch.float64), indices, epoch)
         matrices = torch.cat([params.matrices, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(len(indices), 1, 3)], 1)
         if not self.gpu:  # DALI's warp puts pixel centres at i + 1/2, fer_kernels.augment at i
             matrices = (_HALF @ matrices.double() @ _HALF.inverse()).float()
@@ -110,30 +104,23 @@ class _BatchSource:
                 rows(linear_colour(params.colour).numpy()))
 
 
-class DaliPipeline:
-    """Batches of (normalised images on `device`, targets) for one rank; one epoch per iteration."""
-
-    def __init__(self, dataset, batch_size: int, train: bool, device: torch.device, *, config=AugmentConfig(),
-                 seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 2, num_threads: int = 2,
-                 out_dtype=torch.float32, channels_last: bool = False):
-        if out_dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"the DALI pipeline writes float32 or float16 batches, not {out_dtype}")
-        self.dataset, self.batch_size, self.train, self.device = dataset, batch_size, train, device
-        self.config, self.seed, self.out_dtype, self.channels_last = config, seed, out_dtype, channels_last
-        self.num_workers, self.num_threads = num_workers, num_threads
-        self.order = EpochOrder(len(dataset), batch_size, train, seed, rank, world)
-        self.epoch, self.position = 0, 0
+class DaliPipeline(Pipeline):
+    def __init__(self, dataset, batch_size: int, train: bool, device: torch.device, *, num_threads: int = 2,
+                 **options):
+        super().__init__(dataset, batch_size, train, device, **options)
+        if self.out_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the DALI pipeline writes float32 or float16 batches, not {self.out_dtype}")
+        self.num_threads = num_threads
         self._pipe = None
 
-    def __len__(self) -> int:
-        return len(self.order)
+    def __getstate__(self):
+        return {**self.__dict__, "_pipe": None}  # DALI's worker processes get the reading side only
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
-        source = _BatchSource(self.dataset, self.order, self.train, self.config, self.seed, self.epoch, self.position,
-                              gpu)
+        source = _BatchSource(self, self.epoch, self.position, gpu)
         s, mean, std = self.config.out_size, self.config.mean, self.config.std
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
@@ -190,11 +177,8 @@ class DaliPipeline:
             decoded.append(image.permute(2, 0, 1))  # HWC storage seen as C x H x W
         params = AugmentParams(torch.from_numpy(np.array(outputs[2].as_tensor()))[:, :2].float(),
                                torch.from_numpy(np.array(outputs[3].as_tensor())).float(), self.config)
-        return augment(decoded, params, self.out_dtype, self.channels_last), targets
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return apply(decoded, params, self.out_dtype, self.channels_last), targets
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._pipe = None
+        super().load_state_dict(state)
+        self._pipe = None  # rebuilt at the new position

@@ -7,16 +7,18 @@ from typing import NamedTuple
 
 import torch
 
-from fer_kernels.augment import AugmentConfig
+from fer_train.config import DATA_BACKENDS
+from fer_train.data.base import CombinedDataset
 from fer_train.data.dali_pipeline import DaliPipeline, dali_available
 from fer_train.data.torch_pipeline import TorchPipeline
+from fer_train.recipe.augmentation import AugmentConfig
 
-BACKENDS = ("auto", "dali", "torch")
+__all__ = ["Loader", "MixedTargets", "build_loader"]
 
 
 class MixedTargets(NamedTuple):
     """Targets of an FMix batch: the loss is lam * CE(out, targets) + (1 - lam) * CE(out, targets_perm)
-    (fer_kernels.fmix.fmix_loss); lam is a scalar, or one value per sample in the per-sample mode."""
+    (fer_train.recipe.fmix.fmix_loss); lam is a scalar, or one value per sample in the per-sample mode."""
 
     targets: torch.Tensor
     targets_perm: torch.Tensor
@@ -64,18 +66,16 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     """Batches of (images N x 3 x image_size x image_size on `device`, targets) from one data set or a list
     of them (combined into one training set).
 
-    train: shuffle (seeded by (seed, epoch)), the random augmentation of SPEC section 6 and FMix; else
+    train: shuffle (seeded by (seed, epoch)), the random augmentation of docs/method.md section 6 and FMix; else
     the evaluation transform in order, every sample once. backend: "dali" (NVIDIA DALI; decode on the
     GPU when device is CUDA), "torch" (torchvision decode and the fused augmentation kernel), or "auto"
     (DALI when it is installed). fmix: None, or a callable (images, targets, generator=...) -> (images,
-    targets, targets_perm, lam), e.g. fer_kernels.fmix.FMix(); training batches then carry MixedTargets.
+    targets, targets_perm, lam), e.g. fer_train.recipe.fmix.FMix(); training batches then carry MixedTargets.
     rank / world: this process's shard of every epoch (distinct samples per rank). Targets are class
     indices (int64), or N x 8 probabilities when a set has soft targets.
     """
-    from fer_train.data.datasets import CombinedDataset
-
-    if backend not in BACKENDS:
-        raise ValueError(f"build_loader: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in DATA_BACKENDS:
+        raise ValueError(f"build_loader: backend must be one of {DATA_BACKENDS}, got {backend!r}")
     if backend == "dali" and not dali_available():
         raise ValueError("build_loader: backend='dali' but nvidia.dali cannot be imported; pip install "
                          "nvidia-dali-cuda130, or use backend='torch'")

@@ -1,5 +1,5 @@
-"""The data-set readers (fer_train.data.datasets) on small fixtures written in each set's real on-disk
-layout, and the synthetic set (fer_train.data.synthetic). No test reads the real data sets."""
+"""The data-set readers (fer_train.data.readers) on small fixtures written in each set's real on-disk
+layout, and the synthetic set. No test reads the real data sets."""
 
 import zlib
 from collections import Counter
@@ -8,33 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
+from torchvision.io import ImageReadMode, decode_image
 
-from fer_train.data.datasets import (CombinedDataset, DataError, class_weights, ferplus_target,
-                                     mixed_split, open_dataset)
+from fer_train.data import CombinedDataset, DataError, class_weights, mixed_split, open_dataset
+from fer_train.data.readers.ferplus import ferplus_target
+from helpers import FERPLUS_ROWS, ferplus_line, jpeg, make_ferplus, make_rafdb, pattern, png, write
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-
-
-def pattern(channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """A uint8 image whose pixels differ from place to place, so a wrong crop shows."""
-    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    base = torch.stack([(x * 5 + y * 3 + 40 * c + seed * 17) % 256 for c in range(channels)])
-    return base.to(torch.uint8)
-
-
-def png(image: torch.Tensor) -> bytes:
-    return encode_png(image).numpy().tobytes()
-
-
-def jpeg(image: torch.Tensor) -> bytes:
-    return encode_jpeg(image, quality=95).numpy().tobytes()
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def decoded(path: Path) -> torch.Tensor:
@@ -44,40 +24,7 @@ def decoded(path: Path) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # FERPlus
 
-# votes: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF;
-# then the expected label (or drop reason) under majority, plurality and soft
-FERPLUS_ROWS = [
-    ("neutral", (10, 0, 0, 0, 0, 0, 0, 0, 0, 0), 0, 0, 0),
-    ("happy", (0, 6, 1, 1, 0, 0, 0, 0, 2, 0), 1, 1, 1),
-    ("surprise", (0, 0, 9, 0, 0, 0, 0, 0, 1, 0), 2, 2, 2),
-    ("sad", (3, 0, 0, 7, 0, 0, 0, 0, 0, 0), 3, 3, 3),
-    ("anger", (0, 0, 0, 0, 6, 0, 0, 0, 0, 0), 4, 4, 4),
-    ("disgust", (0, 0, 0, 0, 0, 7, 0, 0, 1, 0), 5, 5, 5),
-    ("fear", (0, 0, 0, 0, 0, 0, 8, 0, 0, 2), 6, 6, 6),
-    ("singles", (1, 1, 1, 1, 1, 1, 1, 3, 0, 0), 7, 7, 7),  # votes of 1 dropped: contempt has 3 of 3
-    ("tie", (0, 0, 4, 4, 0, 0, 0, 0, 2, 0), "no majority", 2, 2),  # ties: the first column
-    ("half", (0, 0, 0, 0, 4, 2, 2, 0, 0, 0), "no majority", 4, 4),  # 4 of 8 is not more than half
-    ("unknown", (2, 0, 0, 0, 0, 0, 0, 0, 6, 2), "unknown or NF wins", "unknown or NF wins", 0),
-    ("noface", (0, 0, 0, 0, 0, 0, 0, 0, 0, 10), "unknown or NF wins", "unknown or NF wins", "no emotion votes"),
-    ("happy_or_unknown", (0, 4, 0, 0, 0, 0, 0, 0, 4, 2), "no majority", 1, 1),  # a tie with unknown: happy first
-    ("all_single", (1,) * 10, "no majority", 0, 0),
-]
 MODES = {"majority": 2, "plurality": 3, "soft": 4}
-
-
-def ferplus_line(name: str, votes, box: str = "(0, 0, 48, 48)") -> str:
-    return f'{name},"{box}",' + ",".join(str(v) for v in votes)
-
-
-def make_ferplus(root: Path, lines: list[str] | None = None, folder: str = "FER2013Train") -> Path:
-    """A FERPlus split folder with a 48 x 48 grey PNG per named row and the headerless label.csv."""
-    lines = lines if lines is not None else [ferplus_line(f"{n}.png", v) for n, v, *_ in FERPLUS_ROWS]
-    for k, line in enumerate(lines):
-        name = line.split(",")[0]
-        if not (root / folder / name).exists():
-            write(root / folder / name, png(pattern(1, 48, 48, seed=k)))
-    write(root / folder / "label.csv", ("\n".join(lines) + "\n").encode())
-    return root / folder
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -176,13 +123,6 @@ def test_affectnet_missing_column_and_outside_box(tmp_path):
 # RAF-DB
 
 RAFDB_CLASSES = {1: 2, 2: 6, 3: 5, 4: 1, 5: 3, 6: 4, 7: 0}
-
-
-def make_rafdb(root: Path, lines: list[str]) -> Path:
-    for k, line in enumerate(lines):
-        stem = line.split()[0].rpartition(".")[0]
-        write(root / "Image" / "aligned" / f"{stem}_aligned.jpg", jpeg(pattern(3, 32, 32, seed=k)))
-    return write(root / "EmoLabel" / "list_patition_label.txt", ("\n".join(lines) + "\n").encode())
 
 
 def test_rafdb_labels_and_splits(tmp_path):
@@ -423,8 +363,9 @@ def test_combined_dataset(tmp_path):
     rafdb = open_dataset("rafdb", tmp_path / "rafdb", "train")
     combined = CombinedDataset([CombinedDataset([ferplus]), rafdb])  # nested sets are flattened
     assert len(combined) == len(ferplus) + len(rafdb) == 15 and len(combined.datasets) == 2
-    assert [combined.record(i).source for i in range(len(combined))] == ["ferplus"] * 8 + ["rafdb"] * 7
-    assert combined.locate(9) == (rafdb, 1) and combined.record(9) == rafdb.records[1]
+    sources = [part.records[local].source for part, local in map(combined.locate, range(len(combined)))]
+    assert sources == ["ferplus"] * 8 + ["rafdb"] * 7
+    assert combined.locate(9) == (rafdb, 1) and ferplus.locate(3) == (ferplus, 3)
     assert torch.equal(combined[8][0], rafdb[0][0]) and int(combined[8][1]) == rafdb.records[0].label
     assert torch.equal(combined.class_counts(), ferplus.class_counts() + rafdb.class_counts())
     assert combined.present_classes == tuple(range(8))

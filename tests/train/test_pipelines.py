@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from fer_kernels import reference
-from fer_kernels.augment import AugmentConfig, full_boxes, sample_keys, sample_params
-from fer_kernels.fmix import FMix
+from fer_train.data import MixedTargets, build_loader, open_dataset
 from fer_train.data.dali_pipeline import dali_available, linear_colour
-from fer_train.data.datasets import open_dataset
-from fer_train.data.loader import MixedTargets, build_loader
+from fer_train.data.images import decode
 from fer_train.data.order import EpochOrder
-from fer_train.data.torch_pipeline import decode_cpu
-from test_datasets import jpeg, make_ferplus, pattern, png, write
+from fer_train.recipe.augmentation import AugmentConfig, full_boxes, sample_keys, sample_params
+from fer_train.recipe.fmix import FMix
+from helpers import jpeg, make_ferplus, pattern, png, write
 
 CONFIG = AugmentConfig(out_size=40, resize=46)  # small batches keep the CPU tests fast
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
@@ -54,7 +53,7 @@ def _loader(dataset, train, backend="torch", **kw):
 
 def _expected(dataset, indices, train, seed=0, epoch=0):
     """The specification applied to the samples' decoded files."""
-    images = [decode_cpu(torch.frombuffer(bytearray(dataset.encoded(i)), dtype=torch.uint8), None) for i in indices]
+    images = [decode(dataset.encoded(i), None) for i in indices]
     boxes = full_boxes([im.shape[1:] for im in images])
     params = sample_params(boxes, train, sample_keys(seed, epoch, indices) if train else None, CONFIG)
     return torch.stack([reference.augment(im, params.matrices[k], params.colour[k], CONFIG.out_size)

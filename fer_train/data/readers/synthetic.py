@@ -16,7 +16,7 @@ import math
 import torch
 from torchvision.io import encode_png
 
-from fer_train.data.datasets import CLASSES, FERDataset, Record
+from fer_train.data.base import CLASSES, FERDataset, Record
 
 SPLIT_LENGTHS = {"train": 8000, "val": 1000, "test": 1000}
 OPTIONS = ("size", "length", "seed")  # what open_dataset("synthetic", ...) passes on to open_synthetic
@@ -127,12 +127,12 @@ class SyntheticDataset(FERDataset):
         self.size, self.seed = size, seed
         self._draws = list(range(length))  # the sample index each record is drawn from (subsets keep theirs)
 
-    def _image(self, i: int) -> torch.Tensor:
+    def image(self, i: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.split, self._draws[i]))
         return draw_face(self.records[i].label, generator, self.size)
 
     def encoded(self, i: int) -> bytes:
-        return encode_png(self._image(i)).numpy().tobytes()
+        return encode_png(self.image(i)).numpy().tobytes()
 
     def sample_id(self, i: int) -> str:
         return str(self._draws[i])

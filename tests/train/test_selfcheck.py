@@ -1,4 +1,4 @@
-"""The README's first command, python -m fer_train, until the training engine replaces it."""
+"""python -m fer_train selfcheck, and the build CI promised."""
 
 import os
 
@@ -16,10 +16,10 @@ def test_selfcheck_passes(capsys):
 def test_extension_has_the_kernels_this_build_promised():
     """CI builds with FER_KERNELS_CUDA=1 on a machine without a GPU: the CUDA kernels must compile, link
     and import even though they cannot run here."""
-    from fer_kernels import _backends
+    from fer_kernels import _dispatch
 
-    assert _backends._C is not None, "fer_kernels._C did not build"
+    assert _dispatch._C is not None, "fer_kernels._C did not build"
     if os.environ.get("FER_KERNELS_CUDA") == "1":
-        assert _backends._C.with_cuda and hasattr(_backends._C, "recalibrate_backward_cuda")
+        assert _dispatch._C.with_cuda and hasattr(_dispatch._C, "recalibrate_backward_cuda")
     elif os.environ.get("FER_KERNELS_CUDA") != "0":
         pytest.skip("FER_KERNELS_CUDA not set: the build chose CUDA or not by itself")

@@ -18,10 +18,11 @@ from fer_train import checkpoint
 from fer_train.cli import main
 from fer_train.config import PRESETS, ConfigError, build_config, parse_overrides
 from fer_train.data import build_loader, open_dataset
-from fer_train.engine import Trainer, lr_factor
-from fer_train.evaluation import read_confusion
+from fer_train.engine import Trainer
+from fer_train.recipe.schedule import lr_factor
+from helpers import read_confusion
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # small enough for seconds per run: 32 x 32 faces, 64 to train on, 40 per evaluation split, no workers
 TINY = ["--set", "data.image_size=32", "--set", "data.synthetic_size=32", "--set", "data.synthetic_length=64",
         "--set", "data.synthetic_eval_length=40", "--set", "data.workers=0", "--set", "data.backend=torch",
@@ -73,8 +74,8 @@ def test_run_data_pools_the_mixed_evaluation_and_keeps_each_sets_splits(tmp_path
     """FERPlus (train, valid, test) and RAF-DB (train, test): mixed-val / mixed-test pool FERPlus valid +
     test and RAF-DB test 50/50 and pick the best model; FERPlus valid is watched too; the end reports
     every test split; facial_expressions is training data only."""
-    from test_datasets import FERPLUS_ROWS, ferplus_line, make_ferplus, make_rafdb
-    from fer_train.engine import open_run_data
+    from helpers import FERPLUS_ROWS, ferplus_line, make_ferplus, make_rafdb
+    from fer_train.run_data import open_run_data
 
     lines = [ferplus_line(f"{n}.png", v) for n, v, *_ in FERPLUS_ROWS]
     for folder in ("FER2013Train", "FER2013Valid", "FER2013Test"):
@@ -140,7 +141,7 @@ def test_evaluation_files_agree_with_a_hand_computed_confusion_matrix(tmp_path, 
 
 def test_predict_command(tmp_path, capsys):
     from torchvision.io import encode_png
-    from fer_train.data.synthetic import draw_face
+    from fer_train.data.readers.synthetic import draw_face
 
     run = tmp_path / "run"
     assert main(["--steps", "2", "--batch-size", "4", "--out", str(run), *TINY]) == 0
@@ -219,6 +220,47 @@ def test_bad_configs_and_paths_fail_before_any_work(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback_and_exit_status_1(tmp_path, monkeypatch, capsys):
+    """Only bad settings, paths and data are one-line errors (exit 2); a ValueError from a bug in a step
+    propagates with its traceback (the interpreter exits with status 1)."""
+    def broken(self, logits, targets):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(Trainer, "_loss", broken)
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        main(["--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"), *TINY])
+    result = _run_cli(["-c", "import sys; from fer_train.cli import main; import fer_train.engine as e; "
+                             "e.Trainer._loss = lambda *a: 1 / 0; sys.exit(main(sys.argv[1:]))",
+                       "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run2"), *TINY])
+    assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+def test_evaluate_without_evaluation_data_says_so(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["--steps", "2", "--batch-size", "4", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    import fer_train.run_data as run_data
+    monkeypatch.setattr(run_data, "TEST", {})  # a run whose sets have no test split
+    assert main(["evaluate", str(run)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_a_missing_plotting_library_stops_the_run_before_training(tmp_path, monkeypatch, capsys):
+    import fer_train.engine as engine
+    monkeypatch.setattr(engine, "installed", lambda module: module != "matplotlib")
+    assert main(["--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"), *TINY]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_one_version():
+    import importlib.metadata
+
+    import fer_kernels
+    import fer_train
+    assert fer_train.__version__ == fer_kernels.__version__ == importlib.metadata.version("fer-kernels")
 
 
 def test_config_files_and_their_errors(tmp_path):

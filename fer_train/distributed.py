@@ -1,0 +1,48 @@
+"""Processes and devices: torchrun's environment turned into a process group (NCCL on GPUs, gloo on CPUs)
+or a single process, and the device each process trains on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fer_train.errors import ConfigError
+
+__all__ = ["Distributed", "init_distributed", "select_device"]
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Distributed:
+    """torchrun's environment -> the process group (NCCL on GPUs, gloo on CPUs); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(spec: str, distributed: Distributed = Distributed()) -> torch.device:
+    """"auto" (a GPU if there is one, else the CPU), "cpu", "cuda" (this process's local GPU) or "cuda:N"."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={spec} but this machine has no CUDA GPU")
+        device = torch.device("cuda", device.index if device.index is not None else distributed.local_rank)
+        torch.cuda.set_device(device)
+    return device
