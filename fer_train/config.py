@@ -41,10 +41,12 @@ class DataConfig:
     synthetic_size: int = 64  # side of the drawn faces
     synthetic_length: int | None = None  # training faces (default fer_train.data.synthetic.SPLIT_LENGTHS)
     synthetic_eval_length: int | None = None  # faces in each of val and test (the same default)
-    on_error: str = "raise"  # or "skip": leave bad images out, counted in the data report
+    on_error: str = "raise"  # or "skip": leave bad images out, counted in the data report and metrics.jsonl
+    max_image_pixels: int = 50_000_000  # larger images (by their header) are bad input: decompression bombs
     image_size: int = 224
     backend: str = "auto"  # DALI where installed, else the PyTorch pipeline
     workers: int = 2
+    timeout: float = 300.0  # seconds without a batch from the input pipeline's workers before the run stops
     class_weights: str = "eq3"  # docs/method.md section 4: eq3, eq4 or none
     fmix: bool = True
     fmix_alpha: float = 1.0
@@ -305,6 +307,9 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"{where} must be positive, got {value}")
     if d.workers < 0:
         raise ConfigError(f"data.workers must be >= 0, got {d.workers}")
+    if d.max_image_pixels < 1 or not d.timeout > 0:
+        raise ConfigError(f"data.max_image_pixels and data.timeout must be positive, got {d.max_image_pixels} and "
+                          f"{d.timeout}")
     if d.image_size < 16:
         raise ConfigError(f"data.image_size must be at least 16 (ResNet downsamples 32x), got {d.image_size}")
     if t.micro_batch is not None and (t.micro_batch <= 0 or t.batch_size % t.micro_batch):

@@ -218,7 +218,7 @@ class Trainer:
                     images = window_steps * t.batch_size
                     if at_log:
                         self.log.train(self.step, mean_loss, self.optimizer.param_groups[0]["lr"], images / elapsed,
-                                       elapsed / window_steps)
+                                       elapsed / window_steps, self.loader.skipped)
                     loss_sum.zero_()
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % t.eval_every == 0 or self.step == t.steps:

@@ -39,11 +39,14 @@ class RunLog:
             self._open_line = False
         print(text, file=self.stream, flush=True)
 
-    def train(self, step: int, loss: float, lr: float, images_per_s: float, seconds_per_step: float) -> None:
-        """One progress report: the console line (rewritten in place on a terminal) and a metrics record."""
+    def train(self, step: int, loss: float, lr: float, images_per_s: float, seconds_per_step: float,
+              skipped: dict | None = None) -> None:
+        """One progress report: the console line (rewritten in place on a terminal) and a metrics record.
+        skipped: training images left out so far while reading, by reason (recorded when there are any)."""
         if not self.live:
             return
-        self._write({"step": step, "loss": loss, "lr": lr, "images_per_s": images_per_s})
+        self._write({"step": step, "loss": loss, "lr": lr, "images_per_s": images_per_s,
+                     **({"skipped": dict(skipped)} if skipped else {})})
         if self._board is not None:
             for name, value in (("train/loss", loss), ("train/lr", lr), ("train/images_per_s", images_per_s)):
                 self._board.add_scalar(name, value, step)

@@ -3,6 +3,7 @@ the device, through NVIDIA DALI where it is installed and through the PyTorch pi
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -39,6 +40,11 @@ class Loader:
     @property
     def epoch(self) -> int:
         return self.pipeline.epoch
+
+    @property
+    def skipped(self) -> Counter:
+        """Samples left out while reading (data.on_error="skip"), by reason, since the loader was made."""
+        return self.pipeline.skipped
 
     def __iter__(self):
         for images, targets in self.pipeline:

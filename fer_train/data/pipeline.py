@@ -5,6 +5,8 @@ resumed run gives a sample the same draws)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from fer_train.data.base import CLASSES, FERDataset, Record
@@ -35,6 +37,7 @@ class Pipeline:
         self.num_workers = num_workers
         self.order = EpochOrder(len(dataset), batch_size, train, seed, rank, world)
         self.epoch, self.position = 0, 0  # the next batch to read
+        self.skipped: Counter = Counter()  # samples of this process left out while reading, by reason
 
     def __len__(self) -> int:
         return len(self.order)
