@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from fer_kernels import reference
-from fer_kernels._dispatch import Inputs, Op, half_to_float, lazy, requested, to_float64, within_tolerance
+from fer_kernels._accuracy import half_to_float, to_float64, within_tolerance
+from fer_kernels._dispatch import Inputs, Op, requested
 from fer_kernels.ops._layout import is_channels_last
 
 __all__ = ["MIX_DTYPES", "check_mix", "fmix_mix", "mix"]

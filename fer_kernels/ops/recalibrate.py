@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from fer_kernels import reference
-from fer_kernels._dispatch import (Inputs, Op, extension, half_to_float, lazy, requested, to_float64,
-                                   within_tolerance)
+from fer_kernels._accuracy import half_to_float, to_float64, within_tolerance
+from fer_kernels._dispatch import Inputs, Op, extension, lazy, requested
 from fer_kernels.ops._layout import check_float, in_format, tail_format
 from fer_kernels.reference import ACTIVATIONS
 
