@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                             "flags above still apply, e.g. --steps to train longer")
     train.add_argument("--stop-after", type=int, metavar="N",
                        help="stop with a checkpoint after N steps of this session (to split a run)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the files of a run already in --out first (without it, such a folder is an error)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint: accuracy and confusion matrices",
                                    description="Evaluate a checkpoint on the test splits of the given data sets (the "
@@ -62,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--backend", default=None, help="data.backend: auto, dali or torch")
+    evaluate.add_argument("--tta", action="store_true",
+                          help="horizontal-flip test-time augmentation (the mean of the two passes' probabilities)")
 
     predict = commands.add_parser("predict", help="classify images: classes and probabilities as JSON or CSV")
     predict.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt, else last.pt)")
@@ -90,8 +94,12 @@ def _run_dir(config) -> Path:
     return Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
 
 
+# Settings a resumed run must keep: the model and optimizer they describe are what the checkpoint holds.
+_KEPT_ON_RESUME = {"model": ("arch", "act", "booster"), "optim": ("name",)}
+
+
 def train(args) -> int:
-    from fer_train import checkpoint
+    from fer_train import checkpoint, run_folder
     from fer_train.engine import NonFiniteLoss, Trainer
 
     overrides = _overrides(args)
@@ -99,6 +107,13 @@ def train(args) -> int:
     if args.resume:
         resume = checkpoint.load(args.resume)
         saved = {k: v for k, v in resume["config"].items() if isinstance(v, dict)}
+        for section, keys in _KEPT_ON_RESUME.items():
+            for key in keys:
+                asked = overrides.get(section, {}).get(key)
+                if asked is not None and str(asked) != str(saved[section][key]):
+                    raise ConfigError(f"--resume: {resume['path']} was trained with {section}.{key}="
+                                      f"{saved[section][key]}; a resumed run keeps it (drop {section}.{key}={asked}, "
+                                      f"or start a new run)")
         for section, values in overrides.items():
             saved.setdefault(section, {}).update(values)
         config = build_config(resume["config"]["preset"], overrides=saved)
@@ -106,6 +121,8 @@ def train(args) -> int:
     else:
         config = build_config(args.preset, args.config, overrides)
         run_dir = _run_dir(config)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone owns the folder
+        run_folder.prepare(run_dir, overwrite=args.overwrite, resume=resume is not None)
     try:
         outcome = Trainer(config, run_dir, resume=resume, stop_after=args.stop_after).fit()
     except NonFiniteLoss as err:
@@ -127,12 +144,13 @@ def evaluate(args) -> int:
     from fer_train import checkpoint
     from fer_train.data import build_loader
     from fer_train.distributed import select_device
-    from fer_train.evaluation import evaluate_and_report
+    from fer_train.reports import evaluate_and_report
     from fer_train.run_data import open_run_data
 
     path = _checkpoint_path(args.checkpoint)
     device = select_device(args.device)
-    model, config = checkpoint.load_model(path, device)
+    loaded = checkpoint.load_model(path, device)
+    model, config = loaded.model, loaded.config
     given = {name: getattr(args, name) for name in DATASETS if getattr(args, name)}
     if given or args.synthetic:
         for name in DATASETS:
@@ -151,8 +169,9 @@ def evaluate(args) -> int:
                             num_workers=config.data.workers, channels_last=config.train.channels_last)
 
     _, table = evaluate_and_report(model, data.test, loader_for, out, f"{path}: test results", device=device,
-                                   channels_last=config.train.channels_last)
-    print(f"{path}, step {checkpoint.load(path)['step']}:\n{table}")
+                                   channels_last=config.train.channels_last, temperature=loaded.temperature,
+                                   tta=args.tta)
+    print(f"{path}, step {loaded.step}{', flip test-time augmentation' if args.tta else ''}:\n{table}")
     print(f"confusion matrices and summary: {out}")
     return 0
 
@@ -163,7 +182,8 @@ def predict(args) -> int:
     from fer_train.predict import collect_images, predict as run_prediction, write_predictions
 
     device = select_device(args.device)
-    model, config = checkpoint.load_model(_checkpoint_path(args.checkpoint), device)
+    loaded = checkpoint.load_model(_checkpoint_path(args.checkpoint), device)
+    model, config = loaded.model, loaded.config
     paths = collect_images(args.inputs)
     rows = run_prediction(model, paths, image_size=config.data.image_size, device=device, batch_size=args.batch_size,
                           channels_last=config.train.channels_last)

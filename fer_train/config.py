@@ -271,12 +271,15 @@ def _one_of(value, allowed, where):
 
 
 def check(config: RunConfig, check_paths: bool = True) -> None:
-    """Every value in range and every data folder present, so that no error waits for step 1,000."""
+    """Every value in range and every data folder present, so that no error waits for step 1,000. Data
+    folders are made absolute, so evaluate and --resume find them from any working directory."""
     d, m, o, t = config.data, config.model, config.optim, config.train
     for name in DATASETS:
         root = getattr(d, name)
-        if check_paths and root is not None and not Path(root).is_dir():
-            raise ConfigError(f"data.{name}: {root} is not a folder")
+        if check_paths and root is not None:
+            if not Path(root).is_dir():
+                raise ConfigError(f"data.{name}: {root} is not a folder")
+            setattr(d, name, str(Path(root).resolve()))
     given = [name for name in DATASETS if getattr(d, name)]
     if check_paths and config.preset.startswith("table"):  # a paper run silently on synthetic faces helps no one
         needed = config.preset.rsplit("-", 1)[1] if config.preset.startswith("table7") else None
@@ -293,8 +296,10 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
     _one_of(m.arch, ARCHS, "model.arch")
     _one_of(m.act, ("mish", "relu"), "model.act")
     _one_of(m.booster, (None, "plus", "depthwise"), "model.booster")
-    if check_paths and m.pretrained not in (None, "imagenet") and not Path(m.pretrained).is_file():
-        raise ConfigError(f"model.pretrained: {m.pretrained} is not a file (or use 'imagenet')")
+    if check_paths and m.pretrained not in (None, "imagenet"):
+        if not Path(m.pretrained).is_file():
+            raise ConfigError(f"model.pretrained: {m.pretrained} is not a file (or use 'imagenet')")
+        m.pretrained = str(Path(m.pretrained).resolve())
     _one_of(o.name, OPTIMIZERS, "optim.name")
     _one_of(o.schedule, SCHEDULES, "optim.schedule")
     _one_of(t.amp, AMP_MODES, "train.amp")

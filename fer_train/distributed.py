@@ -39,10 +39,20 @@ def select_device(spec: str, distributed: Distributed = Distributed()) -> torch.
     """"auto" (a GPU if there is one, else the CPU), "cpu", "cuda" (this process's local GPU) or "cuda:N"."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {spec!r}: the engine runs on the CPU or CUDA GPUs (auto, cpu, cuda, cuda:N)")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"device {spec!r}: there is one CPU device, cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={spec} but this machine has no CUDA GPU")
+            raise ConfigError(f"device {spec} but this machine has no CUDA GPU")
         device = torch.device("cuda", device.index if device.index is not None else distributed.local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
     return device

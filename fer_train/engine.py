@@ -29,14 +29,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fer_train import checkpoint
+from fer_train.calibration import fit_temperature
 from fer_train.config import RunConfig, installed
-from fer_train.errors import ConfigError
-from fer_train.data import MixedTargets, build_loader, class_weights
+from fer_train.data import CLASSES, MixedTargets, build_loader, class_weights
 from fer_train.distributed import init_distributed, select_device
-from fer_train.evaluation import evaluate, evaluate_and_report
+from fer_train.errors import ConfigError
+from fer_train.evaluation import evaluate, split_logits
 from fer_train.factories import amp_dtype, build_model, build_optimizer
 from fer_train.recipe.fmix import FMix, fmix_loss
 from fer_train.recipe.schedule import lr_factor
+from fer_train.reports import evaluate_and_report
 from fer_train.run_data import open_run_data
 from fer_train.runlog import RunLog
 
@@ -89,8 +91,11 @@ class Trainer:
                                    rank=self.dist.rank, world=self.dist.world, num_workers=d.workers,
                                    channels_last=t.channels_last)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
+        self.last_good: str | None = None  # the newest checkpoint, which was checked to hold finite weights
         if resume is not None:
             self._restore(resume)
+            self.last_good = resume["path"]
+        self._checked_step = self.step  # the last step whose loss and weights were seen finite
         self.net = self.model
         if self.dist.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -103,22 +108,31 @@ class Trainer:
             self.run_dir = Path(shared[0])
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temporaries(self.run_dir)  # of saves killed mid-write
         self._eval_loaders: dict = {}
-        self.log = RunLog(self.run_dir if self.dist.main else None, t.steps)
+        self.log = RunLog(self.run_dir if self.dist.main else None, t.steps, resumed_at=self.step if resume else None)
         self._stop_signal: str | None = None
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
     def _state(self) -> dict:
-        return {"config": self.config.to_dict(), "step": self.step, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "data": self.loader.state_dict(), "best": dict(self.best),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        return checkpoint.training_state(
+            config=self.config.to_dict(), step=self.step, model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), data=self.loader.state_dict(),
+            best=dict(self.best),
+            rng={"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("format") != checkpoint.TRAINING_FORMAT:
+            raise ConfigError(f"{state['path']} is a model file (best.pt), which holds no optimizer state: resume "
+                              "from the run's last.pt (give the run folder)")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(f"{state['path']} does not fit this run's model or optimizer ({str(err).splitlines()[0]}); "
+                              "resume with the settings the run was trained with") from None
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
         self.step, self.best = int(state["step"]), dict(state["best"])
@@ -129,10 +143,37 @@ class Trainer:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def save(self, name: str = "last.pt") -> Path | None:
+    def save(self) -> Path | None:
+        """last.pt, the training state, after checking that the model is still finite."""
+        self._check_finite()
+        path = checkpoint.save_atomic(self._state(), self.run_dir / "last.pt") if self.dist.main else None
+        self.last_good = str(path) if path else self.last_good
+        return path
+
+    def save_model(self, temperature: float = 1.0) -> Path | None:
+        """best.pt, the model file (fer_train.checkpoint): the weights and what inference needs."""
         if not self.dist.main:
             return None
-        return checkpoint.save_atomic(self._state(), self.run_dir / name)
+        self._check_finite()
+        state = checkpoint.model_file(self.model, self.config.to_dict(), step=self.best["step"] or self.step,
+                                      classes=CLASSES, input_transform=checkpoint.input_transform(self.config),
+                                      temperature=temperature, metrics=dict(self.best))
+        return checkpoint.save_atomic(state, self.run_dir / "best.pt")
+
+    def _check_finite(self, loss: float = 0.0, first_step: int | None = None) -> None:
+        """Stops the run (NonFiniteLoss, exit status 3) when the loss or any weight is not finite: nothing
+        non-finite is ever saved or chosen as best."""
+        weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in (*self.model.parameters(),
+                                                                             *self.model.buffers())
+                                           if t.is_floating_point()]).all())
+        if math.isfinite(loss) and weights_finite:
+            self._checked_step = self.step
+            return
+        first = self._checked_step + 1 if first_step is None else first_step
+        what = f"the loss became {loss}" if not math.isfinite(loss) else "the weights became non-finite"
+        raise NonFiniteLoss(f"{what} between steps {first} and {self.step}; the last good checkpoint is "
+                            f"{self.last_good or 'none (none was written yet)'}. Lower optim.lr, or use "
+                            "train.amp=bf16 / none if fp16 overflows.")
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -200,7 +241,6 @@ class Trainer:
         batches, stopped = self._batches(), None
         session_start, window_start, window_steps = self.step, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
-        last_good = None
         try:
             while self.step < t.steps:
                 loss_sum += self._train_step(batches)
@@ -209,11 +249,7 @@ class Trainer:
                 if at_log or self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0:
                     # checked before anything is saved, so a checkpoint never holds a diverged model
                     mean_loss = float(loss_sum) / window_steps
-                    if not math.isfinite(mean_loss):
-                        raise NonFiniteLoss(
-                            f"the loss became {mean_loss} between steps {self.step - window_steps + 1} and "
-                            f"{self.step}; the last good checkpoint is {last_good or 'none (none was written yet)'}. "
-                            "Lower optim.lr, or use train.amp=bf16 / none if fp16 overflows.")
+                    self._check_finite(mean_loss, self.step - window_steps + 1)
                     elapsed = time.perf_counter() - window_start
                     images = window_steps * t.batch_size
                     if at_log:
@@ -225,16 +261,16 @@ class Trainer:
                     self._validate()
                     window_start = time.perf_counter()  # images/s counts training only
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    last_good = self.save()
+                    self.save()
                     window_start = time.perf_counter()
                 if self._stop_requested(at_log):
                     stopped = self._stop_signal or "a signal to another rank"
                 elif self.stop_after is not None and self.step - session_start >= self.stop_after:
                     stopped = f"stop_after={self.stop_after}"
                 if stopped:
-                    last_good = self.save()
-                    self.log.message(f"stopped ({stopped}) at step {self.step}; checkpoint {last_good}; resume with "
-                                     f"`python -m fer_train train --resume {self.run_dir}`")
+                    self.save()
+                    self.log.message(f"stopped ({stopped}) at step {self.step}; checkpoint {self.last_good}; resume "
+                                     f"with `python -m fer_train train --resume {self.run_dir}`")
                     break
         finally:
             restore_signals()
@@ -258,7 +294,8 @@ class Trainer:
                 f"training data:\n{sets}\nclass weights ({c.data.class_weights}): "
                 f"{[round(w, 4) for w in self.weights.tolist()]}\n"
                 f"evaluation: {', '.join(self.data.validation) or 'none'}; best model by "
-                f"{self.data.selection[0] if self.data.selection else 'none (the last is kept)'}")
+                f"{self.data.selection[0] if self.data.selection else 'none (the last is kept)'}"
+                + "".join(f"\nnot on disk, so not evaluated: {missing}" for missing in self.data.missing))
 
     # --- evaluation ----------------------------------------------------------------------------------
 
@@ -276,23 +313,43 @@ class Trainer:
             result = evaluate(self.model, self._eval_loader(name, dataset), name, device=self.device,
                               amp_dtype=self.amp_dtype, channels_last=self.config.train.channels_last)
             self.log.evaluation(self.step, result)
-            if self.data.selection and name == self.data.selection[0] and result.accuracy > self.best["accuracy"]:
+            if (self.data.selection and name == self.data.selection[0] and result.accuracy > self.best["accuracy"]
+                    and math.isfinite(result.loss)):  # a model with non-finite outputs is never the best
                 self.best = {"accuracy": result.accuracy, "step": self.step}
-                self.save("best.pt")
+                self.save_model()
 
     def final_evaluation(self) -> list:
-        """The best model (or the last, without a selection set) on every test split; writes the reports."""
+        """The best model (or the last, without a selection set) on every test split, its probabilities
+        calibrated on the selection split (the temperature goes into best.pt); writes the reports."""
         best = self.run_dir / "best.pt"
         if self.data.selection and self.dist.world > 1:
             dist.barrier()  # rank 0 wrote best.pt
         if self.data.selection and best.is_file():
             self.model.load_state_dict(checkpoint.load(best)["model"])
+        temperature = self._fit_temperature() if self.data.selection else 1.0
+        self.save_model(temperature)  # without a selection split: the last model, so every run has a best.pt
         chosen = f"best.pt (step {self.best['step']})" if self.best["step"] is not None else "the last step"
-        results, table = evaluate_and_report(
-            self.model, self.data.test, self._eval_loader, self.run_dir, f"{self.run_dir.name}: test results of {chosen}",
-            write=self.dist.main, device=self.device, amp_dtype=self.amp_dtype,
-            channels_last=self.config.train.channels_last)
+        options = dict(device=self.device, amp_dtype=self.amp_dtype, channels_last=self.config.train.channels_last)
+        results, table = evaluate_and_report(self.model, self.data.test, self._eval_loader, self.run_dir,
+                                             f"{self.run_dir.name}: test results of {chosen}", write=self.dist.main,
+                                             temperature=temperature, **options)
         if results:
             self.log.message(f"\ntest results of {chosen}:\n{table}")
         self.log.message(f"run files: {self.run_dir}")
         return results
+
+    def _fit_temperature(self) -> float:
+        """The calibration temperature of the model's logits on the selection split (every rank's shard)."""
+        name, dataset = self.data.selection
+        pairs = [(logits.cpu(), (targets.argmax(1) if targets.is_floating_point() else targets).cpu())
+                 for logits, targets in split_logits(self.model, self._eval_loader(name, dataset), device=self.device,
+                                                     amp_dtype=self.amp_dtype,
+                                                     channels_last=self.config.train.channels_last)]
+        if self.dist.world > 1:
+            gathered = [None] * self.dist.world
+            dist.all_gather_object(gathered, pairs)
+            pairs = [pair for shard in gathered for pair in shard]
+        logits, targets = (torch.cat(part) for part in zip(*pairs))
+        temperature = fit_temperature(logits, targets)
+        self.log.message(f"calibration: temperature {temperature:.3f} on {name} ({len(targets)} images)")
+        return temperature

@@ -1,32 +1,30 @@
-"""Evaluation: the confusion matrix, accuracy and loss of a model on one evaluation split, and the files
-a run leaves behind (confusion matrix as CSV and heat map, a Markdown summary table).
+"""Evaluation: a model's confusion matrix, accuracy, macro-F1, loss and calibration on one evaluation split
+(docs/method.md section 8); fer_train.reports.evaluate_and_report does it for every split of a run and
+writes the reports.
 
     result = evaluate(model, build_loader(valid_set, 256, train=False), "ferplus valid")
-    print(result.accuracy, result.loss)
-    write_confusion(result, run_dir)            # confusion-ferplus-valid.csv / .png
-    print(summary_table([result, ...]))
+    print(result.accuracy, result.macro_f1, result.loss, result.ece)
 
-Accuracy and the confusion matrix use hard classes: the arg-max of the model's output against the
-class index, or against the arg-max of a soft (FERPlus vote) target. The loss is the unweighted
-cross-entropy against the targets as given (soft targets included), averaged over images.
+Accuracy and the confusion matrix use hard classes: the arg-max of the model's output, over the classes the
+split can have (RAF-DB has no contempt, so its accuracy is over its own 7 classes), against the class index
+or the arg-max of a soft target. The loss is the unweighted cross-entropy against the targets as given,
+averaged over images. ECE is the expected calibration error of the top-class probability over 15 equal bins,
+with the logits as they are and, when a temperature is given, divided by it (fer_train.calibration).
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from fer_train.calibration import CalibrationBins
 from fer_train.data.base import CLASSES
 
-__all__ = ["EvalResult", "confusion_matrix", "evaluate", "evaluate_and_report", "slug", "summary_table",
-           "write_confusion"]
+__all__ = ["EvalResult", "confusion_matrix", "evaluate", "split_logits"]
 
 
 def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, classes: int = len(CLASSES)) -> torch.Tensor:
@@ -43,12 +41,16 @@ def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, classes: int
 class EvalResult:
     """The outcome of evaluate() on one split. confusion: int64 [8, 8] counts, rows = true class,
     columns = predicted; loss: mean cross-entropy; present_classes: the classes the split can have (a
-    set without contempt, such as RAF-DB, lists 7), used to show absent classes as such."""
+    set without contempt, such as RAF-DB, lists 7), used to show absent classes as such; ece: expected
+    calibration error of the raw probabilities, ece_calibrated: after dividing the logits by temperature."""
 
     name: str
     confusion: torch.Tensor
     loss: float
     present_classes: tuple[int, ...] = field(default_factory=lambda: tuple(range(len(CLASSES))))
+    ece: float = math.nan
+    temperature: float = 1.0
+    ece_calibrated: float = math.nan
 
     def __post_init__(self):
         self.confusion = self.confusion.detach().to("cpu", torch.int64)
@@ -78,11 +80,24 @@ class EvalResult:
         """float64 [8]: recall of each class as a fraction, NaN for classes with no image."""
         return self.normalised().diagonal() / 100.0
 
+    @property
+    def macro_f1(self) -> float:
+        """The mean F1 over the classes that have images in the split (a class never predicted scores 0)."""
+        counts = self.confusion.double()
+        true, predicted, hits = counts.sum(1), counts.sum(0), counts.diagonal()
+        scored = true > 0
+        if not scored.any():
+            return math.nan
+        f1 = 2 * hits / (true + predicted).clamp_min(1)
+        return float(f1[scored].mean())
+
     def to_dict(self) -> dict:
         """JSON-ready (NaN becomes None, which JSON has)."""
         per_class = self.per_class_accuracy.tolist()
         return {"name": self.name, "images": self.count, "accuracy": _finite_or_none(self.accuracy),
-                "loss": _finite_or_none(self.loss),
+                "macro_f1": _finite_or_none(self.macro_f1), "loss": _finite_or_none(self.loss),
+                "ece": _finite_or_none(self.ece), "temperature": self.temperature,
+                "ece_calibrated": _finite_or_none(self.ece_calibrated),
                 "per_class_accuracy": {c: _finite_or_none(a) for c, a in zip(self.classes, per_class)},
                 "present_classes": [self.classes[c] for c in self.present_classes],
                 "confusion": self.confusion.tolist()}
@@ -104,25 +119,23 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def evaluate(model: torch.nn.Module, loader, name: str, *, device=None, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, progress: Callable[[int, int | None], None] | None = None,
-             present_classes: tuple[int, ...] | None = None) -> EvalResult:
-    """Run `model` over every batch of `loader` ((images, targets) pairs, e.g. build_loader(..., train=False))
-    and return the confusion matrix and mean cross-entropy.
+def _present(loader, present_classes) -> tuple[int, ...]:
+    if present_classes is None:
+        dataset = getattr(getattr(loader, "pipeline", None), "dataset", None)  # a build_loader Loader's set
+        present_classes = getattr(dataset, "present_classes", tuple(range(len(CLASSES))))
+    return tuple(present_classes)
 
-    device: where the batches go (default: the model's parameters' device). amp_dtype: autocast to it
-    (e.g. torch.bfloat16); the loss is computed in float32 either way. progress(done, total) is called
-    after each batch (total is None when the loader has no len()). The model is put in eval mode and
-    back in its previous mode afterwards. Under torch.distributed, each rank passes its own shard and
-    every rank gets the global result (counts and loss sums are all-reduced). present_classes: the
-    classes the split can have; by default the loader's data set's (build_loader), else all.
-    """
+
+def split_logits(model: torch.nn.Module, loader, *, device=None, amp_dtype: torch.dtype | None = None,
+                 channels_last: bool = False, tta: bool = False, present_classes: tuple[int, ...] | None = None,
+                 progress: Callable[[int, int | None], None] | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(float32 logits N x 8, targets) for every batch of `loader`, in eval mode and without gradients.
+    Logits of classes the split cannot have are -inf (no probability, never predicted). tta: also the
+    horizontally flipped image, and the logits are the log of the mean of the two passes' probabilities."""
     inner = _unwrap(model)
     device = torch.device(device) if device is not None else _model_device(inner)
     classes = len(CLASSES)
-    # accumulated on the device, so there is no host sync per batch
-    confusion = torch.zeros(classes, classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    absent = [c for c in range(classes) if c not in _present(loader, present_classes)]
     try:
         total = len(loader)
     except TypeError:
@@ -135,132 +148,63 @@ def evaluate(model: torch.nn.Module, loader, name: str, *, device=None, amp_dtyp
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                targets = targets.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = inner(images)
-                logits = logits.float()
+                    logits = inner(images).float()
+                    if tta:
+                        flipped = inner(images.flip(-1)).float()
                 if logits.dim() != 2 or logits.shape[1] != classes:
                     raise ValueError(f"evaluate: the model gives outputs of shape {tuple(logits.shape)}, expected "
                                      f"N x {classes} (one logit per class of {CLASSES})")
-                # cross_entropy takes class indices or probabilities alike (soft FERPlus targets)
-                loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
-                truth = targets.argmax(1) if targets.is_floating_point() else targets
-                confusion += confusion_matrix(logits.argmax(1), truth, classes)
+                if absent:
+                    logits[:, absent] = -math.inf
+                if tta:
+                    if absent:
+                        flipped[:, absent] = -math.inf
+                    logits = torch.logsumexp(torch.stack([logits.log_softmax(1), flipped.log_softmax(1)]), 0) \
+                        - math.log(2)
+                yield logits, targets.to(device, non_blocking=True)
                 if progress is not None:
                     progress(done, total)
     finally:
         model.train(was_training)
+
+
+def evaluate(model: torch.nn.Module, loader, name: str, *, device=None, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, progress: Callable[[int, int | None], None] | None = None,
+             present_classes: tuple[int, ...] | None = None, temperature: float = 1.0,
+             tta: bool = False) -> EvalResult:
+    """Run `model` over every batch of `loader` ((images, targets) pairs, e.g. build_loader(..., train=False))
+    and return the confusion matrix, mean cross-entropy and calibration.
+
+    device: where the batches go (default: the model's parameters' device). amp_dtype: autocast to it
+    (e.g. torch.bfloat16); the loss is computed in float32 either way. progress(done, total) is called
+    after each batch (total is None when the loader has no len()). The model is put in eval mode and
+    back in its previous mode afterwards. Under torch.distributed, each rank passes its own shard and
+    every rank gets the global result (counts and sums are all-reduced). present_classes: the classes the
+    split can have; by default the loader's data set's (build_loader), else all. temperature: the
+    calibration temperature whose ECE is reported beside the raw one. tta: horizontal-flip test-time
+    augmentation (split_logits).
+    """
+    inner = _unwrap(model)
+    device = torch.device(device) if device is not None else _model_device(inner)
+    present = _present(loader, present_classes)
+    classes = len(CLASSES)
+    # accumulated on the device, so there is no host sync per batch
+    confusion = torch.zeros(classes, classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    raw, calibrated = CalibrationBins(device), CalibrationBins(device)
+    for logits, targets in split_logits(model, loader, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
+                                        tta=tta, present_classes=present, progress=progress):
+        # cross_entropy takes class indices or probabilities alike (soft FERPlus targets)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+        truth = targets.argmax(1) if targets.is_floating_point() else targets
+        confusion += confusion_matrix(logits.argmax(1), truth, classes)
+        raw.add(logits, truth)
+        calibrated.add(logits / temperature, truth)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # each rank saw a disjoint shard: sums of counts and losses are the global ones
-        torch.distributed.all_reduce(confusion)
-        torch.distributed.all_reduce(loss_sum)
+        for total in (confusion, loss_sum, raw.sums, calibrated.sums):
+            torch.distributed.all_reduce(total)
     count = int(confusion.sum())
     loss = float(loss_sum) / count if count else math.nan
-    if present_classes is None:
-        dataset = getattr(getattr(loader, "pipeline", None), "dataset", None)  # a build_loader Loader's set
-        present_classes = getattr(dataset, "present_classes", tuple(range(classes)))
-    return EvalResult(name, confusion, loss, present_classes)
-
-
-def evaluate_and_report(model: torch.nn.Module, splits: dict, loader_for: Callable, directory, title: str, *,
-                        write: bool = True, **options) -> tuple[list[EvalResult], str]:
-    """Evaluates `model` on every split ({name: data set}; loader_for(name, data set) gives its loader) and,
-    with `write`, leaves the reports in `directory`: confusion-<split>.csv and .png per split and summary.md
-    (under the heading `title`). options: as evaluate's (device, amp_dtype, channels_last). Returns the
-    results and the summary table."""
-    results = [evaluate(model, loader_for(name, dataset), name, **options) for name, dataset in splits.items()]
-    table = summary_table(results)
-    if write and results:
-        for result in results:
-            write_confusion(result, directory)
-        (Path(directory) / "summary.md").write_text(f"# {title}\n\n{table}\n")
-    return results, table
-
-
-def slug(name: str) -> str:
-    """A file-name part from a result name: "FERPlus valid" -> "ferplus-valid"."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "eval"
-
-
-def write_confusion(result: EvalResult, directory) -> tuple[Path, Path]:
-    """Write confusion-<slug>.csv and confusion-<slug>.png into `directory` (created if needed) and
-    return their paths.
-
-    CSV format:
-        true \\ predicted,neutral,happy,...,contempt,images
-        neutral,93.5000,1.2500,...,0.0000,160       <- one row per true class: percent of that row's images
-        ...                                            predicted as each class, then the row's image count;
-        contempt,,,...,,0                              a class with no image has empty percentage cells
-        predicted,150,171,...,3,1270                <- images predicted as each class, then the total
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    base = directory / f"confusion-{slug(result.name)}"
-    csv_path, png_path = base.with_suffix(".csv"), base.with_suffix(".png")
-    percent, counts = result.normalised(), result.confusion
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *result.classes, "images"])
-        for name, row, n in zip(result.classes, percent.tolist(), counts.sum(1).tolist()):
-            writer.writerow([name, *("" if math.isnan(v) else f"{v:.4f}" for v in row), n])
-        writer.writerow(["predicted", *counts.sum(0).tolist(), result.count])
-    _plot_confusion(result, png_path)
-    return csv_path, png_path
-
-
-def _plot_confusion(result: EvalResult, path: Path) -> None:
-    try:
-        # Figure with no pyplot: renders through Agg, touches no global backend or GUI state
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError("write_confusion: the heat map needs matplotlib; pip install matplotlib "
-                          "(it is in requirements.txt)") from err
-    import matplotlib
-
-    percent = result.normalised().numpy()
-    n = len(result.classes)
-    fig = Figure(figsize=(1.0 + 0.8 * n, 1.0 + 0.75 * n), dpi=100)
-    ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#d0d0d0")  # NaN rows: grey, no number
-    image = ax.imshow(percent, cmap=cmap, vmin=0, vmax=100)
-    for t in range(n):
-        for p in range(n):
-            value = percent[t, p]
-            if value == value:  # not NaN
-                ax.text(p, t, f"{value:.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if value > 60 else "black")
-    ax.set_xticks(range(n), result.classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), result.classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    accuracy = "n/a" if math.isnan(result.accuracy) else f"{100 * result.accuracy:.2f}%"
-    ax.set_title(f"{result.name}: accuracy {accuracy} ({result.count} images)")
-    fig.colorbar(image, ax=ax, label="% of the true class", fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-def summary_table(results: list[EvalResult]) -> str:
-    """A Markdown table (columns padded, so it also reads as plain text): one row per result with its
-    image count, accuracy %, mean loss and per-class accuracy %; "-" where a class is not in the set or
-    has no image there."""
-    header = ["set", "images", "accuracy %", "loss", *CLASSES]
-    rows = []
-    for r in results:
-        per_class = r.per_class_accuracy.tolist()
-        rows.append([r.name, str(r.count), _pct(r.accuracy), "-" if math.isnan(r.loss) else f"{r.loss:.4f}",
-                     *(_pct(a) if c in r.present_classes else "-" for c, a in enumerate(per_class))])
-    widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
-
-    def line(cells, numbers=True):
-        # the set name left-aligned, numbers right-aligned
-        return "| " + " | ".join(c.ljust(w) if k == 0 or not numbers else c.rjust(w)
-                                 for k, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "| " + " | ".join((":" + "-" * (w - 1)) if k == 0 else ("-" * (w - 1) + ":")
-                             for k, w in enumerate(widths)) + " |"
-    return "\n".join([line(header, numbers=False), rule, *map(line, rows)])
-
-
-def _pct(fraction: float) -> str:
-    return "-" if math.isnan(fraction) else f"{100 * fraction:.2f}"
+    return EvalResult(name, confusion, loss, present, raw.ece(), float(temperature), calibrated.ece())

@@ -28,6 +28,7 @@ class RunData:
     selection: tuple[str, object] | None  # (name, data set) whose accuracy picks best.pt
     validation: dict[str, object] = field(default_factory=dict)  # evaluated every eval_every steps
     test: dict[str, object] = field(default_factory=dict)  # evaluated with the best model at the end
+    missing: list[str] = field(default_factory=list)  # the splits a set has that are not on disk, said aloud
 
 
 def _open(name: str, root, split: str, config) -> object:
@@ -35,7 +36,9 @@ def _open(name: str, root, split: str, config) -> object:
     if name == "synthetic":
         length = d.synthetic_length if split == "train" else d.synthetic_eval_length
         return open_dataset("synthetic", None, split, size=d.synthetic_size, length=length, on_error=d.on_error)
-    options = {"label_mode": d.ferplus_label_mode} if name == "ferplus" else {}
+    # FERPlus's evaluation protocol is its majority labels whatever the training labels are (docs/method.md
+    # section 8): a model trained on vote distributions is compared with the others on the same images.
+    options = {"label_mode": d.ferplus_label_mode if split == "train" else "majority"} if name == "ferplus" else {}
     return open_dataset(name, root, split, on_error=d.on_error, **options)
 
 
@@ -58,6 +61,8 @@ def open_run_data(config: RunConfig) -> RunData:
                                                                                  VALIDATION else ())}
     opened = {(name, split): _open(name, roots[name], split, config) for name, split in sorted(splits)
               if roots[name] is None or _has_split(roots[name], name, split)}
+    data.missing = [f"{name} {split} (no {ferplus.FOLDERS[split]}/label.csv under {roots[name]})"
+                    for name, split in sorted(splits) if (name, split) not in opened]
     for name in roots:
         if (name, VALIDATION.get(name)) in opened:
             data.validation[f"{name} {VALIDATION[name]}"] = opened[name, VALIDATION[name]]

@@ -3,10 +3,13 @@ Lines metrics file, and TensorBoard event files where tensorboard is installed. 
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
 from pathlib import Path
+
+from fer_train.errors import ConfigError
 
 
 def _duration(seconds: float) -> str:
@@ -15,13 +18,27 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if not line.strip() or json.loads(line).get("step", 0) <= step]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept))
+    temporary.replace(path)
+
+
 class RunLog:
-    def __init__(self, directory: Path | None, total_steps: int, stream=None):
-        """directory None: print nothing, write nothing (the other ranks). stream: sys.stdout by default."""
+    def __init__(self, directory: Path | None, total_steps: int, stream=None, resumed_at: int | None = None):
+        """directory None: print nothing, write nothing (the other ranks). stream: sys.stdout by default.
+        resumed_at: the step a resumed run restarts from; metrics.jsonl loses the records of later steps,
+        which the run is about to compute again."""
         self.directory, self.total, self.stream = directory, total_steps, stream or sys.stdout
         self.live = directory is not None
         self._tty = self.live and self.stream.isatty()
         self._open_line = False
+        if self.live and resumed_at is not None:
+            _drop_records_after(directory / "metrics.jsonl", resumed_at)
         self._metrics = open(directory / "metrics.jsonl", "a") if self.live else None
         self._board = None
         if self.live:
@@ -64,18 +81,26 @@ class RunLog:
     def evaluation(self, step: int, result) -> None:
         if not self.live:
             return
-        self._write({"step": step, "eval": result.name, "accuracy": result.accuracy, "loss": result.loss,
-                     "images": result.count})
+        recall = {c: round(r, 4) for c, r in result.to_dict()["per_class_accuracy"].items() if r is not None}
+        self._write({"step": step, "eval": result.name, "accuracy": result.accuracy, "macro_f1": result.macro_f1,
+                     "loss": result.loss, "images": result.count, "recall": recall})
         if self._board is not None:
             tag = result.name.replace(" ", "_")
-            self._board.add_scalar(f"eval/{tag}/accuracy", result.accuracy, step)
-            self._board.add_scalar(f"eval/{tag}/loss", result.loss, step)
-        self.message(f"  eval {result.name}: accuracy {result.accuracy:.4f}, loss {result.loss:.4f} "
-                     f"({result.count} images)")
+            for metric in ("accuracy", "macro_f1", "loss"):
+                self._board.add_scalar(f"eval/{tag}/{metric}", getattr(result, metric), step)
+        self.message(f"  eval {result.name}: accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f}, loss "
+                     f"{result.loss:.4f} ({result.count} images); recall " +
+                     " ".join(f"{c} {100 * r:.0f}" for c, r in recall.items()))
 
     def _write(self, record: dict) -> None:
-        self._metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        self._metrics.flush()
+        try:
+            self._metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self._metrics.flush()
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ConfigError(f"no space left on the device holding {self.directory} while writing "
+                                  "metrics.jsonl: free some space, then resume from last.pt") from err
+            raise
 
     def close(self) -> None:
         if self._open_line:

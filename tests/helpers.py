@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from fer_kernels._dispatch import ATOL, tolerance_excess
+from fer_kernels._accuracy import ATOL, tolerance_excess
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -22,7 +22,7 @@ if HAS_CUDA:
     BACKEND_DEVICES += [("cuda", "cuda"), ("reference", "cuda")]
 FAST_BACKEND_DEVICES = [bd for bd in BACKEND_DEVICES if bd[0] != "reference"]
 
-__all__ = ["ATOL", "BACKEND_DEVICES", "FAST_BACKEND_DEVICES", "HAS_CUDA", "TRITON_DEVICE", "assert_accurate",
+__all__ = ["TINY", "ATOL", "BACKEND_DEVICES", "FAST_BACKEND_DEVICES", "HAS_CUDA", "TRITON_DEVICE", "assert_accurate",
            "augment_sources", "generator", "random_batch",
            "ferplus_line", "ids", "jpeg", "make_ferplus", "make_rafdb", "pattern", "png", "read_confusion", "write",
            "FERPLUS_ROWS"]
@@ -33,7 +33,7 @@ def ids(pairs):
 
 
 def assert_accurate(ours, ref64, plain, name="", dtype=None):
-    """fer_kernels' accuracy rule (fer_kernels._dispatch.tolerance_excess, which auto's check applies too):
+    """fer_kernels' accuracy rule (fer_kernels._accuracy.tolerance_excess, which auto's check applies too):
     the kernel's max error against the float64 reference is at most twice the error that plain PyTorch
     makes in the same dtype, plus one rounding of the storage dtype and a small absolute floor; NaN and
     inf where the reference has them. (Triton's CPU interpreter rounds float32 -> bfloat16 by truncation,
@@ -45,6 +45,14 @@ def assert_accurate(ours, ref64, plain, name="", dtype=None):
     """
     error = tolerance_excess(ours, ref64, plain, dtype)
     assert error is None, f"{name}: {error}"
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+# small enough for seconds per run: 32 x 32 faces, 64 to train on, 40 per evaluation split, no workers
+TINY = ["--set", "data.image_size=32", "--set", "data.synthetic_size=32", "--set", "data.synthetic_length=64",
+        "--set", "data.synthetic_eval_length=40", "--set", "data.workers=0", "--set", "data.backend=torch",
+        "--set", "train.eval_batch_size=40", "--set", "train.log_every=1"]
 
 
 # ------------------------------------------------------------------------------------------- tensors
@@ -143,10 +151,74 @@ def make_rafdb(root: Path, lines: list[str]) -> Path:
 
 def read_confusion(path) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 [8, 8] row percentages with NaN rows, int64 [8] images per true class) from a confusion CSV
-    that fer_train.evaluation.write_confusion wrote."""
+    that fer_train.reports.write_confusion wrote."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     body = rows[1:-1]  # header and the "predicted" totals row around the per-class rows
     percent = torch.tensor([[float(v) if v else math.nan for v in row[1:-1]] for row in body], dtype=torch.float64)
     images = torch.tensor([int(row[-1]) for row in body], dtype=torch.int64)
     return percent, images
+
+
+# ------------------------------------------------------------------------------------------- damaged files
+
+__all__ += ["corrupt_jpeg_body", "huge_header", "REPO", "python_process", "process_group_gone"]
+
+
+def corrupt_jpeg_body(data: bytes) -> bytes:
+    """The JPEG with its entropy-coded data broken halfway through, header and end marker intact: it passes
+    the checks made when a set is opened, torchvision and PIL refuse to decode it, DALI's decoder does not."""
+    data = bytearray(data)
+    scan = data.find(b"\xff\xda")
+    start = scan + 2 + int.from_bytes(data[scan + 2:scan + 4], "big")
+    middle = (start + len(data) - 2) // 2
+    data[middle:middle + 16] = b"\xff\x76" * 8  # a marker that does not exist
+    return bytes(data)
+
+
+def huge_header(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG (baseline) or PNG with its header claiming width x height pixels, as a decompression bomb's
+    does: a file of a few kB that would decode to gigabytes."""
+    import zlib
+
+    data = bytearray(data)
+    if data.startswith(b"\x89PNG"):
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the IHDR chunk's CRC
+    else:
+        frame = data.find(b"\xff\xc0")
+        data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python_process(args: list[str], **options):
+    """`python args...` from the repository root in a session (and process group) of its own, so that
+    os.killpg reaches it and its workers and nothing else; one OpenMP thread, text pipes."""
+    import os
+    import subprocess
+    import sys
+
+    options.setdefault("stdout", subprocess.PIPE)
+    options.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **options)
+
+
+def process_group_gone(group: int, within: float = 20.0) -> bool:
+    """Whether every process of the group has gone (waiting up to `within` seconds)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

@@ -20,14 +20,9 @@ from fer_train.config import PRESETS, ConfigError, build_config, parse_overrides
 from fer_train.data import build_loader, open_dataset
 from fer_train.engine import Trainer
 from fer_train.recipe.schedule import lr_factor
-from helpers import read_confusion
+from helpers import TINY, read_confusion
 
 ROOT = Path(__file__).resolve().parents[2]
-# small enough for seconds per run: 32 x 32 faces, 64 to train on, 40 per evaluation split, no workers
-TINY = ["--set", "data.image_size=32", "--set", "data.synthetic_size=32", "--set", "data.synthetic_length=64",
-        "--set", "data.synthetic_eval_length=40", "--set", "data.workers=0", "--set", "data.backend=torch",
-        "--set", "train.eval_batch_size=40", "--set", "train.log_every=1"]
-
 
 def _tiny_config(tmp_path: Path, **train) -> object:
     overrides = parse_overrides(TINY[1::2])
@@ -125,7 +120,7 @@ def test_evaluation_files_agree_with_a_hand_computed_confusion_matrix(tmp_path, 
     out = tmp_path / "eval"
     assert main(["evaluate", str(run), "--synthetic", "--out", str(out), "--backend", "torch"]) == 0
     assert "synthetic test" in capsys.readouterr().out
-    model, config = checkpoint.load_model(run / "best.pt")
+    model = checkpoint.load_model(run / "best.pt").model
     test = open_dataset("synthetic", None, "test", size=32, length=40)
     counts = torch.zeros(8, 8, dtype=torch.int64)
     with torch.no_grad():

@@ -18,7 +18,8 @@ from torchvision.io import decode_png, encode_jpeg, encode_png
 
 from fer_kernels.reference import IMAGENET_MEAN, IMAGENET_STD
 from fer_train.data import CLASSES, DataError, build_loader, open_dataset
-from fer_train.evaluation import EvalResult, confusion_matrix, evaluate, summary_table, write_confusion
+from fer_train.evaluation import EvalResult, confusion_matrix, evaluate
+from fer_train.reports import summary_table, write_confusion
 from fer_train.predict import collect_images, predict, write_predictions
 from helpers import read_confusion
 
@@ -198,7 +199,21 @@ def test_summary_table_is_markdown_with_the_numbers():
     assert "92.59" in lines[2]  # neutral 50 / 54
     assert lines[2].rstrip(" |").endswith("-")  # contempt is not in RAF-DB
     assert "100.00" in lines[3] and "0.1250" in lines[3]
-    assert [c.strip() for c in lines[0].strip("|").split("|")][:4] == ["set", "images", "accuracy %", "loss"]
+    assert [c.strip() for c in lines[0].strip("|").split("|")][:6] == ["set", "images", "accuracy %", "macro-F1 %",
+                                                                     "loss", "ECE %"]
+
+
+def test_macro_f1_and_recall_by_hand():
+    """Macro-F1 averages the F1 of the classes with images; a class never predicted scores 0, one never
+    present does not count."""
+    confusion = torch.zeros(8, 8, dtype=torch.int64)
+    confusion[0, 0], confusion[0, 1], confusion[1, 1], confusion[2, 0] = 6, 2, 4, 2  # class 2 is never predicted
+    result = EvalResult("hand", confusion, 0.0)
+    f1 = [2 * 6 / (8 + 8), 2 * 4 / (4 + 6), 0.0]  # 2 TP / (true + predicted) per class
+    assert result.macro_f1 == pytest.approx(sum(f1) / 3)
+    torch.testing.assert_close(result.per_class_accuracy[:3], torch.tensor([0.75, 1.0, 0.0], dtype=torch.float64))
+    with_temperature = EvalResult("hand", confusion, 0.0, ece=0.2, temperature=1.5, ece_calibrated=0.05)
+    assert "5.00 (T=1.50)" in summary_table([with_temperature])
 
 
 # Uniform images of these grey levels: after the evaluation transform channel 0 is a constant, and
@@ -275,3 +290,58 @@ def test_write_predictions_round_trip(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == rows
     with pytest.raises(ValueError, match="json or .csv"):
         write_predictions(rows, tmp_path / "out.txt")
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+
+def test_fit_temperature_recovers_the_temperature_of_the_data():
+    """Labels drawn from softmax(z / 2.5): the fitted temperature of the logits z is close to 2.5, and it
+    lowers the expected calibration error."""
+    from fer_train.calibration import CalibrationBins, fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 8, generator=g) * 4
+    labels = torch.multinomial((logits / 2.5).softmax(1), 1, generator=g).squeeze(1)
+    temperature = fit_temperature(logits, labels)
+    assert temperature == pytest.approx(2.5, rel=0.05)
+    raw, fitted = CalibrationBins("cpu"), CalibrationBins("cpu")
+    raw.add(logits, labels)
+    fitted.add(logits / temperature, labels)
+    assert fitted.ece() < 0.02 < raw.ece()
+
+
+def test_ece_by_hand():
+    """Two images in the bin [13/15, 14/15) (confidence 0.9 and 0.92, one right) and one at 0.5 (right):
+    ECE = (|1 - 1.82| + |1 - 0.5|) / 3."""
+    from fer_train.calibration import CalibrationBins
+
+    def logits_for(p):  # two classes: top probability p on class 0
+        return torch.tensor([[math.log(p / (1 - p)), 0.0]])
+
+    bins = CalibrationBins("cpu")
+    bins.add(torch.cat([logits_for(0.9), logits_for(0.92), logits_for(0.5 + 1e-9)]), torch.tensor([0, 1, 0]))
+    assert bins.ece() == pytest.approx((abs(1 - 1.82) + abs(1 - 0.5)) / 3, abs=1e-6)
+
+
+def test_tta_is_the_mean_of_the_two_passes_and_absent_classes_are_never_predicted():
+    """With test-time augmentation the probabilities are the mean of the image's and the flipped image's;
+    a split without contempt (RAF-DB) never predicts it, even where its logit is the largest."""
+    from fer_train.evaluation import split_logits
+
+    model = Strips()
+    loader = lambda: synthetic_loader(length=12, batch_size=12)  # noqa: E731 - a fresh epoch each time
+    (plain, targets), = split_logits(model, loader())
+    (both, _), = split_logits(model, loader(), tta=True)
+    images = next(iter(loader()))[0]
+    expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
+    torch.testing.assert_close(both.exp(), expected.detach())
+    assert torch.equal(plain, model(images).detach())
+
+    seven = tuple(range(7))
+    (masked, _), = split_logits(Constant(), loader(), present_classes=seven)
+    assert torch.isinf(masked[:, 7]).all() and (masked[:, 7] < 0).all()
+    biased = Constant()
+    with torch.no_grad():
+        biased.bias[7] = 10.0  # contempt would win everywhere
+    result = evaluate(biased, loader(), "rafdb-like", present_classes=seven)
+    assert result.confusion[:, 7].sum() == 0 and result.confusion[:, 3].sum() == 12

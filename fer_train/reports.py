@@ -1,0 +1,126 @@
+"""The files a run leaves for people to read: each split's confusion matrix as CSV and heat map, and a
+Markdown summary table of every split (accuracy, macro-F1, loss, calibration, recall per class);
+evaluate_and_report evaluates every split and writes them (the engine and the evaluate command call it)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+from typing import Callable
+
+import torch
+
+from fer_train.data.base import CLASSES
+from fer_train.evaluation import EvalResult, evaluate
+
+__all__ = ["evaluate_and_report", "slug", "summary_table", "write_confusion"]
+
+
+def slug(name: str) -> str:
+    """A file-name part from a result name: "FERPlus valid" -> "ferplus-valid"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "eval"
+
+
+def write_confusion(result: EvalResult, directory) -> tuple[Path, Path]:
+    """Write confusion-<slug>.csv and confusion-<slug>.png into `directory` (created if needed) and
+    return their paths.
+
+    CSV format:
+        true \\ predicted,neutral,happy,...,contempt,images
+        neutral,93.5000,1.2500,...,0.0000,160       <- one row per true class: percent of that row's images
+        ...                                            predicted as each class, then the row's image count;
+        contempt,,,...,,0                              a class with no image has empty percentage cells
+        predicted,150,171,...,3,1270                <- images predicted as each class, then the total
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = directory / f"confusion-{slug(result.name)}"
+    csv_path, png_path = base.with_suffix(".csv"), base.with_suffix(".png")
+    percent, counts = result.normalised(), result.confusion
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *result.classes, "images"])
+        for name, row, n in zip(result.classes, percent.tolist(), counts.sum(1).tolist()):
+            writer.writerow([name, *("" if math.isnan(v) else f"{v:.4f}" for v in row), n])
+        writer.writerow(["predicted", *counts.sum(0).tolist(), result.count])
+    _plot_confusion(result, png_path)
+    return csv_path, png_path
+
+
+def _plot_confusion(result: EvalResult, path: Path) -> None:
+    try:
+        # Figure with no pyplot: renders through Agg, touches no global backend or GUI state
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("write_confusion: the heat map needs matplotlib; pip install matplotlib "
+                          "(it is in requirements.txt)") from err
+    import matplotlib
+
+    percent = result.normalised().numpy()
+    n = len(result.classes)
+    fig = Figure(figsize=(1.0 + 0.8 * n, 1.0 + 0.75 * n), dpi=100)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#d0d0d0")  # NaN rows: grey, no number
+    image = ax.imshow(percent, cmap=cmap, vmin=0, vmax=100)
+    for t in range(n):
+        for p in range(n):
+            value = percent[t, p]
+            if value == value:  # not NaN
+                ax.text(p, t, f"{value:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if value > 60 else "black")
+    ax.set_xticks(range(n), result.classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), result.classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = "n/a" if math.isnan(result.accuracy) else f"{100 * result.accuracy:.2f}%"
+    ax.set_title(f"{result.name}: accuracy {accuracy} ({result.count} images)")
+    fig.colorbar(image, ax=ax, label="% of the true class", fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def summary_table(results: list[EvalResult]) -> str:
+    """A Markdown table (columns padded, so it also reads as plain text): one row per result with its
+    image count, accuracy %, macro-F1 %, mean loss, ECE % (raw, and after the calibration temperature when
+    there is one) and recall % per class; "-" where a class is not in the set or has no image there."""
+    calibrated = any(r.temperature != 1.0 for r in results)
+    header = ["set", "images", "accuracy %", "macro-F1 %", "loss", "ECE %",
+              *(["ECE % at T"] if calibrated else []), *CLASSES]
+    rows = []
+    for r in results:
+        per_class = r.per_class_accuracy.tolist()
+        rows.append([r.name, str(r.count), _pct(r.accuracy), _pct(r.macro_f1),
+                     "-" if math.isnan(r.loss) else f"{r.loss:.4f}", _pct(r.ece),
+                     *([f"{_pct(r.ece_calibrated)} (T={r.temperature:.2f})"] if calibrated else []),
+                     *(_pct(a) if c in r.present_classes else "-" for c, a in enumerate(per_class))])
+    widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
+
+    def line(cells, numbers=True):
+        # the set name left-aligned, numbers right-aligned
+        return "| " + " | ".join(c.ljust(w) if k == 0 or not numbers else c.rjust(w)
+                                 for k, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "| " + " | ".join((":" + "-" * (w - 1)) if k == 0 else ("-" * (w - 1) + ":")
+                             for k, w in enumerate(widths)) + " |"
+    return "\n".join([line(header, numbers=False), rule, *map(line, rows)])
+
+
+def _pct(fraction: float) -> str:
+    return "-" if math.isnan(fraction) else f"{100 * fraction:.2f}"
+
+
+def evaluate_and_report(model: torch.nn.Module, splits: dict, loader_for: Callable, directory, title: str, *,
+                        write: bool = True, **options) -> tuple[list[EvalResult], str]:
+    """Evaluates `model` on every split ({name: data set}; loader_for(name, data set) gives its loader) and,
+    with `write`, leaves the reports in `directory`: confusion-<split>.csv and .png per split and summary.md
+    (under the heading `title`). options: as evaluate's. Returns the results and the summary table."""
+    results = [evaluate(model, loader_for(name, dataset), name, **options) for name, dataset in splits.items()]
+    table = summary_table(results)
+    if write and results:
+        for result in results:
+            write_confusion(result, directory)
+        (Path(directory) / "summary.md").write_text(f"# {title}\n\n{table}\n")
+    return results, table
