@@ -1,17 +1,34 @@
-"""Training throughput of the paper's models: one optimizer step of the engine's recipe (FMix of the batch,
-forward under autocast, the class-weighted FMix loss, backward, the fused Ranger + GC step), on batches
-already on the device (the data pipeline has its own benchmark, bench_pipeline.py).
+"""Training throughput, in two parts.
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--models resnet18,resnet50]
-                                     [--compile both|yes|no] [--batch N] [--image-size 224]
+step: one optimizer step of the engine's recipe (FMix of the batch, forward under autocast, the
+class-weighted FMix loss, backward, the fused Ranger + GC step) on batches already on the device. Models:
+ResNet-18 / ResNet-50 with Mish + ABP, fused (fer_kernels' kernels) and unfused (the same model in plain
+PyTorch ops), each eager and with torch.compile. cuda: batch 256, bf16 autocast, channels_last; cpu: batch
+8, float32, 2 threads. Reports images/s and the time one paper run (60,000 steps of 256) would take.
+Writes benchmarks/results/<device>-train.json.
 
-Models: ResNet-18 / ResNet-50 with Mish + ABP, fused (fer_kernels' kernels) and unfused (the same model in
-plain PyTorch ops), each eager and with torch.compile. cuda: batch 256, bf16 autocast, channels_last;
-cpu: batch 8, float32, 2 threads. Reports images/s and the time one paper run (60,000 steps of 256)
-would take at that rate. Writes benchmarks/results/<device>-train.json.
+engine: the whole engine (`python -m fer_train train`: data pipeline, FMix, forward, loss, backward, fused
+Ranger, bookkeeping), one setting of SETTINGS at a time, side by side in one run, each in a fresh process
+(the allocator and thread settings are per process), ResNet-18 + Mish + ABP at batch 32 / 48 px (the size
+CPU users train at) and batch 8 / 224 px. The rate is the median of the engine's own per-window images/s
+in metrics.jsonl after the first window (warm-up). "before" is what the engine did before these settings
+existed (float32, freed memory returned to the kernel). The data: FERPlus by path (--ferplus), else a
+FERPlus-layout folder of drawn faces written to a temporary folder. Writes <device>-engine.json.
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--parts step,engine]
+        step:   [--models resnet18,resnet50] [--compile both|yes|no] [--batch N] [--image-size 224]
+        engine: [--ferplus DIR] [--steps 120] [--settings NAME,...] [--sizes 48,224]
 """
 
 from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -22,13 +39,34 @@ from fer_train.recipe.fmix import FMix, fmix_loss
 import common
 
 PAPER_IMAGES = 60_000 * 256
+ROOT = Path(__file__).resolve().parents[1]
+# name -> (what it changes, settings on top of the row's)
+SETTINGS = {
+    "before": ("float32, freed memory returned (the engine's old default)",
+               ["train.amp=none", "train.keep_freed_memory=false"]),
+    "freed-memory-kept": ("float32, glibc keeps freed memory", ["train.amp=none", "train.keep_freed_memory=true"]),
+    "bf16": ("bf16 autocast, freed memory kept", ["train.amp=bf16", "train.keep_freed_memory=true"]),
+    "default": ("the engine's default (train.amp=auto: bf16 where the CPU has it natively)", []),
+    "nchw": ("the default with NCHW instead of channels_last", ["train.channels_last=false"]),
+    "compile": ("the default with torch.compile of the model", ["train.compile=true"]),
+    "torch-pipeline": ("the default with the PyTorch pipeline instead of DALI", ["data.backend=torch"]),
+    "1-worker": ("the default with 1 data worker", ["data.workers=1"]),
+    "1-thread": ("the default with 1 intra-op thread (OMP_NUM_THREADS=1)", []),
+    "cifar-stem": ("the default with the CIFAR stem (3x3/1, no pool: 16x the stages' work)", ["model.stem=cifar"]),
+}
+ENGINE_ROWS = [(32, 48), (8, 224)]  # (batch, image size)
 
 
 def _arguments(p):
+    p.add_argument("--parts", type=lambda s: s.split(","), default=["step", "engine"])
     p.add_argument("--models", type=lambda s: s.split(","), default=["resnet18", "resnet50"])
     p.add_argument("--compile", choices=("both", "yes", "no"), default="both")
     p.add_argument("--batch", type=int, default=None, help="default: 256 on cuda, 8 on cpu")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--ferplus", type=Path, help="engine part: a FERPlus folder (FER2013Train/ at least)")
+    p.add_argument("--steps", type=int, default=120, help="engine part: steps per setting (the first window warms up)")
+    p.add_argument("--settings", type=lambda s: s.split(","), default=list(SETTINGS))
+    p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[size for _, size in ENGINE_ROWS])
 
 
 def make_step(arch: str, fused: bool, compiled: bool, batch: int, size: int, device: torch.device):
@@ -55,9 +93,47 @@ def make_step(arch: str, fused: bool, compiled: bool, batch: int, size: int, dev
     return step
 
 
-def main():
-    args = common.parse_args(__doc__.split("\n")[0], _arguments, dtypes=False)
-    device = common.setup(args.device)
+def drawn_ferplus(folder: Path, images: int = 2048) -> Path:
+    """A FERPlus-layout training folder of drawn 48 x 48 grey faces with one-sided votes."""
+    from torchvision.io import encode_png
+
+    from fer_train.data.readers.synthetic import draw_face, sample_seed
+
+    train = folder / "FER2013Train"
+    train.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(images):
+        face = draw_face(i % 8, torch.Generator().manual_seed(sample_seed(0, "bench", i)), 48)
+        grey = (0.299 * face[0] + 0.587 * face[1] + 0.114 * face[2]).round().to(torch.uint8)[None]
+        (train / f"{i:05d}.png").write_bytes(encode_png(grey).numpy().tobytes())
+        votes = [0] * 10
+        votes[i % 8] = 10
+        lines.append(f'{i:05d}.png,"(0, 0, 48, 48)",' + ",".join(map(str, votes)))
+    (train / "label.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def run_setting(name: str, batch: int, size: int, steps: int, data: Path, out: Path, device: str) -> dict:
+    extra = SETTINGS[name][1]
+    log_every = max(steps // 6, 5)
+    command = [sys.executable, "-m", "fer_train", "train", "--ferplus", str(data), "--steps", str(steps),
+               "--batch-size", str(batch), "--image-size", str(size), "--device", device, "--out", str(out),
+               "--overwrite", "--set", f"train.log_every={log_every}", "--set", f"train.eval_every={10 * steps}",
+               "--set", f"train.checkpoint_every={10 * steps}", "--set", "data.class_weights=none",
+               "--set", "train.tta_report=false", *[f"--set={s}" for s in extra]]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if name == "1-thread" else str(common.CPU_THREADS))
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name}: the run failed:\n{result.stderr[-3000:]}")
+    rates = [r["images_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "images_per_s" in r]
+    kept = rates[1:] or rates
+    return {"setting": name, "what": SETTINGS[name][0], "batch": batch, "image_size": size, "steps": steps,
+            "images_per_s": statistics.median(kept), "images_per_s_windows": rates,
+            "describe": next((line for line in result.stdout.splitlines() if line.startswith("model ")), "")}
+
+
+def step_part(args, device):
     batch = args.batch or (2 if args.quick else 256 if device.type == "cuda" else 8)
     size = 64 if args.quick else args.image_size
     compile_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.compile]
@@ -79,6 +155,34 @@ def main():
                 print(common.train_line(row), flush=True)
                 del step
     results.finish()
+
+
+
+def engine_part(args, device):
+    steps = 12 if args.quick else args.steps
+    notes = ["each setting in a fresh `python -m fer_train train` process; images_per_s: median of the engine's "
+             "per-window rates (metrics.jsonl) after the first window", f"{steps} steps per setting",
+             "model resnet18 + mish + abp, Ranger + GC, FMix, no class weights"]
+    results = common.Results("engine", device, args, notes, measure_copy=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.ferplus or drawn_ferplus(Path(scratch) / "ferplus", 256 if args.quick else 2048)
+        results.env["data"] = "FERPlus FER2013Train" if args.ferplus else "drawn faces in the FERPlus layout"
+        for batch, size in [(b, s) for b, s in ENGINE_ROWS if s in args.sizes]:
+            for name in args.settings:
+                row = run_setting(name, batch, size, steps, data, Path(scratch) / "run", device.type)
+                results.append(row)
+                print(f"{size:>3} px batch {batch:<3} {name:<18} {row['images_per_s']:8.1f} images/s   "
+                      f"({row['what']})", flush=True)
+    results.finish()
+
+
+def main():
+    args = common.parse_args(__doc__.split("\n")[0], _arguments, dtypes=False)
+    device = common.setup(args.device)
+    if "step" in args.parts:
+        step_part(args, device)
+    if "engine" in args.parts:
+        engine_part(args, device)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ _SHORTCUTS = {  # flag -> config key, for what is set most often
     "steps": "train.steps", "batch_size": "train.batch_size", "micro_batch": "train.micro_batch",
     "lr": "optim.lr", "optimizer": "optim.name", "arch": "model.arch", "device": "train.device",
     "amp": "train.amp", "image_size": "data.image_size", "backend": "data.backend", "workers": "data.workers",
-    "eval_every": "train.eval_every", "seed": "train.seed", "out": "train.out",
+    "eval_every": "train.eval_every", "seed": "train.seed", "out": "train.out", "time_budget": "train.time_budget",
 }
 
 
@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--backend", default=None, help="data.backend: auto, dali or torch")
     evaluate.add_argument("--tta", action="store_true",
-                          help="horizontal-flip test-time augmentation (the mean of the two passes' probabilities)")
+                          help="also report each split with horizontal-flip test-time augmentation (the mean of the "
+                               "two passes' probabilities)")
 
     predict = commands.add_parser("predict", help="classify images: classes and probabilities as JSON or CSV")
     predict.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt, else last.pt)")
@@ -170,8 +171,8 @@ def evaluate(args) -> int:
 
     _, table = evaluate_and_report(model, data.test, loader_for, out, f"{path}: test results", device=device,
                                    channels_last=config.train.channels_last, temperature=loaded.temperature,
-                                   tta=args.tta)
-    print(f"{path}, step {loaded.step}{', flip test-time augmentation' if args.tta else ''}:\n{table}")
+                                   tta_rows=args.tta)
+    print(f"{path}, step {loaded.step}:\n{table}")
     print(f"confusion matrices and summary: {out}")
     return 0
 

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ FERPLUS_LABEL_MODES = ("majority", "plurality", "soft")  # docs/method.md sectio
 ON_ERROR = ("raise", "skip")
 WEIGHT_SCHEMES = ("eq3", "eq4", "none")  # docs/method.md section 4
 DATA_BACKENDS = ("auto", "dali", "torch")
+STEMS = ("imagenet", "cifar")  # fer_kernels.models.resnet.STEMS
 ARCHS = ("resnet18", "resnet50")
 OPTIMIZERS = ("ranger", "radam", "sgd")  # ranger = Lookahead + RAdam (+ GC with optim.gc); radam = GC-RAdam alone
 SCHEDULES = ("flat_cosine", "cosine", "constant")
@@ -52,6 +54,7 @@ class DataConfig:
     fmix_alpha: float = 1.0
     fmix_decay_power: float = 3.0
     fmix_per_sample: bool = False  # the official FMix: one mask per batch
+    label_smoothing: float = 0.0  # the targets' share spread evenly over the classes
     split_seed: int = 0  # the mixed evaluation split
 
 
@@ -61,6 +64,7 @@ class ModelConfig:
     act: str = "mish"
     booster: str | None = "plus"  # "plus" (ABP), "depthwise" (AB) or None
     fused: bool = True
+    stem: str = "imagenet"  # the paper's 7x7/2 conv + max-pool; "cifar": 3x3/1 conv, no pool (small inputs)
     pretrained: str | None = None  # torchvision weights: a path, or "imagenet" (downloads)
 
 
@@ -82,13 +86,17 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 60_000
+    time_budget: str | None = None  # e.g. "60m", "1h30m", "900s": the whole run, evaluation included, fits in it
     batch_size: int = 256  # global: micro_batch x accumulation x processes
     micro_batch: int | None = None  # per process per forward pass; None: batch_size / processes
     eval_every: int = 500
     eval_batch_size: int = 256
     checkpoint_every: int = 500
     log_every: int = 50
-    amp: str = "auto"  # bf16 on GPUs that have it, else fp16 with GradScaler; none on the CPU
+    amp: str = "auto"  # bf16 on GPUs that have it, else fp16 with GradScaler; bf16 on CPUs that compute it natively
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved when on (0: off)
+    tta_report: bool = True  # the final report adds rows with horizontal-flip test-time augmentation
+    keep_freed_memory: bool = True  # glibc keeps freed blocks for reuse instead of page-faulting them in again
     channels_last: bool = True
     compile: bool = False
     seed: int = 0
@@ -257,6 +265,19 @@ def build_config(preset: str = "default", file: str | os.PathLike | None = None,
     return config
 
 
+def parse_duration(text: str, where: str = "duration") -> float:
+    """Seconds of "90s", "60m", "1h30m", "1.5h" or a plain number of seconds."""
+    value = str(text).strip().lower().replace(" ", "")
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", value)
+    if not value or parts is None or not any(parts.groups()):
+        raise ConfigError(f"{where}: {text!r} is not a duration (e.g. 90s, 60m, 1h30m)")
+    hours, minutes, seconds = (float(g or 0) for g in parts.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total <= 0:
+        raise ConfigError(f"{where}: {text!r} is not a positive duration")
+    return total
+
+
 def installed(module: str) -> bool:
     """Whether `module` can be imported, found without importing it."""
     try:
@@ -296,6 +317,9 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
     _one_of(m.arch, ARCHS, "model.arch")
     _one_of(m.act, ("mish", "relu"), "model.act")
     _one_of(m.booster, (None, "plus", "depthwise"), "model.booster")
+    _one_of(m.stem, STEMS, "model.stem")
+    if m.stem != "imagenet" and m.pretrained is not None:
+        raise ConfigError(f"model.pretrained: torchvision's weights have the ImageNet stem, not model.stem={m.stem}")
     if check_paths and m.pretrained not in (None, "imagenet"):
         if not Path(m.pretrained).is_file():
             raise ConfigError(f"model.pretrained: {m.pretrained} is not a file (or use 'imagenet')")
@@ -330,5 +354,9 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"optim.flat_fraction must be in [0, 1], got {o.flat_fraction}")
     if o.eps <= 0 or o.weight_decay < 0 or o.momentum < 0:
         raise ConfigError("optim.eps must be positive and optim.weight_decay, optim.momentum non-negative")
+    if not (0 <= d.label_smoothing < 1 and 0 <= t.ema < 1):
+        raise ConfigError(f"data.label_smoothing and train.ema must be in [0, 1), got {d.label_smoothing} and {t.ema}")
+    if t.time_budget is not None:
+        parse_duration(t.time_budget, "train.time_budget")
     if d.fmix_alpha <= 0 or d.fmix_decay_power < 0:
         raise ConfigError("data.fmix_alpha must be positive and data.fmix_decay_power non-negative")

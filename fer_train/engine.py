@@ -5,8 +5,12 @@ model under autocast, the class-weighted FMix loss backward (DDP averages the gr
 on the last micro-batch only); then one optimizer step (GradScaler's with fp16) at the learning rate of
 the flat-then-cosine schedule. Every eval_every steps: evaluation on the selection set (mixed-val, or the
 one validation split) and on each set's validation split, and best.pt when the selection accuracy
-improves; every checkpoint_every steps and at the end: last.pt. At the end the best model is evaluated on
-every test split given, with confusion matrices (CSV, PNG) and a summary table.
+improves (best.pt is the model file; with train.ema, of the moving average of the weights); every
+checkpoint_every steps and at the end: last.pt (the training state). The loss and the weights are checked
+finite before anything is saved. At the end the best model's temperature is fitted on the selection split,
+and it is evaluated on every test split given (also with flip test-time augmentation), with confusion
+matrices (CSV, PNG), a summary table and model-card.md. With train.time_budget the run's length is set
+from timed steps so that all of it fits (fer_train.budget).
 
 Resuming restores the model, the optimizer (Lookahead's slow weights included), the scaler, the step, the
 data position and the RNG states: the data order and every augmentation and FMix draw depend on (seed,
@@ -29,13 +33,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fer_train import checkpoint
+from fer_train.budget import MEASURE_STEPS, Budget
 from fer_train.calibration import fit_temperature
-from fer_train.config import RunConfig, installed
+from fer_train.config import RunConfig, installed, parse_duration
 from fer_train.data import CLASSES, MixedTargets, build_loader, class_weights
 from fer_train.distributed import init_distributed, select_device
 from fer_train.errors import ConfigError
 from fer_train.evaluation import evaluate, split_logits
-from fer_train.factories import amp_dtype, build_model, build_optimizer
+from fer_train.factories import amp_dtype, build_ema, build_model, build_optimizer
+from fer_train.host import keep_freed_memory
+from fer_train.model_card import write_model_card
 from fer_train.recipe.fmix import FMix, fmix_loss
 from fer_train.recipe.schedule import lr_factor
 from fer_train.reports import evaluate_and_report
@@ -71,6 +78,7 @@ class Trainer:
         if t.compile and self.dist.world > 1 and self.device.type == "cpu":
             raise ConfigError("train.compile with several CPU processes is not supported; drop one of them")
 
+        self.keeps_freed_memory = t.keep_freed_memory and keep_freed_memory()
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.data = open_run_data(config)
         if self.data.test and not installed("matplotlib"):  # found now, not after hours of training
@@ -83,6 +91,7 @@ class Trainer:
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config.optim)
+        self.ema = build_ema(self.model, t.ema) if t.ema else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.weights = class_weights(self.data.train.class_counts(), config.data.class_weights).to(self.device)
         d = config.data
@@ -91,6 +100,7 @@ class Trainer:
                                    rank=self.dist.rank, world=self.dist.world, num_workers=d.workers,
                                    channels_last=t.channels_last)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
+        self._elapsed_before, self._session_start = 0.0, time.perf_counter()  # wall time of earlier sessions
         self.last_good: str | None = None  # the newest checkpoint, which was checked to hold finite weights
         if resume is not None:
             self._restore(resume)
@@ -119,7 +129,8 @@ class Trainer:
         return checkpoint.training_state(
             config=self.config.to_dict(), step=self.step, model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), data=self.loader.state_dict(),
-            best=dict(self.best),
+            best=dict(self.best), ema=self.ema.state_dict() if self.ema is not None else None,
+            elapsed=self.elapsed_seconds(),
             rng={"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
 
@@ -130,12 +141,15 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(f"{state['path']} does not fit this run's model or optimizer ({str(err).splitlines()[0]}); "
                               "resume with the settings the run was trained with") from None
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
         self.step, self.best = int(state["step"]), dict(state["best"])
+        self._elapsed_before = float(state.get("elapsed", 0.0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -155,7 +169,7 @@ class Trainer:
         if not self.dist.main:
             return None
         self._check_finite()
-        state = checkpoint.model_file(self.model, self.config.to_dict(), step=self.best["step"] or self.step,
+        state = checkpoint.model_file(self.eval_model, self.config.to_dict(), step=self.best["step"] or self.step,
                                       classes=CLASSES, input_transform=checkpoint.input_transform(self.config),
                                       temperature=temperature, metrics=dict(self.best))
         return checkpoint.save_atomic(state, self.run_dir / "best.pt")
@@ -163,8 +177,9 @@ class Trainer:
     def _check_finite(self, loss: float = 0.0, first_step: int | None = None) -> None:
         """Stops the run (NonFiniteLoss, exit status 3) when the loss or any weight is not finite: nothing
         non-finite is ever saved or chosen as best."""
-        weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in (*self.model.parameters(),
-                                                                             *self.model.buffers())
+        models = (self.model, self.eval_model)
+        weights_finite = bool(torch.stack([torch.isfinite(t).all() for m in models for t in (*m.parameters(),
+                                                                                         *m.buffers())
                                            if t.is_floating_point()]).all())
         if math.isfinite(loss) and weights_finite:
             self._checked_step = self.step
@@ -181,10 +196,20 @@ class Trainer:
         while True:  # epoch after epoch; the loader keeps its own (epoch, position)
             yield from self.loader
 
+    def elapsed_seconds(self) -> float:
+        """Wall time of the run so far, over all its sessions."""
+        return self._elapsed_before + time.perf_counter() - self._session_start
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is evaluated and saved as best.pt: the moving average of the weights when train.ema is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _loss(self, logits: torch.Tensor, targets) -> torch.Tensor:
+        smoothing = self.config.data.label_smoothing
         if isinstance(targets, MixedTargets):
-            return fmix_loss(logits, targets.targets, targets.targets_perm, targets.lam, self.weights)
-        return F.cross_entropy(logits.float(), targets, weight=self.weights)
+            return fmix_loss(logits, targets.targets, targets.targets_perm, targets.lam, self.weights, smoothing)
+        return F.cross_entropy(logits.float(), targets, weight=self.weights, label_smoothing=smoothing)
 
     def _train_step(self, batches) -> torch.Tensor:
         """One optimizer step; returns the (detached) mean loss of its micro-batches."""
@@ -208,6 +233,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
         return total
 
@@ -241,10 +268,17 @@ class Trainer:
         batches, stopped = self._batches(), None
         session_start, window_start, window_steps = self.step, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
+        budget = Budget(parse_duration(t.time_budget), time.perf_counter()) if t.time_budget else None
+        step_seconds = []
         try:
             while self.step < t.steps:
+                started = time.perf_counter()
                 loss_sum += self._train_step(batches)
                 window_steps += 1
+                if budget is not None:
+                    step_seconds.append(time.perf_counter() - started)
+                    if self._follow_budget(budget, step_seconds, session_start):
+                        window_start = time.perf_counter()
                 at_log = self.step % t.log_every == 0 or self.step == t.steps
                 if at_log or self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0:
                     # checked before anything is saved, so a checkpoint never holds a diverged model
@@ -278,6 +312,32 @@ class Trainer:
         self.log.close()
         return {"stopped": stopped, "step": self.step, "results": results, "best": self.best}
 
+    def _follow_budget(self, budget: Budget, step_seconds: list, session_start: int) -> bool:
+        """Sets the run's length once a step and an evaluation pass have been timed (returns True then: the
+        evaluation it ran is not training time), and ends training early when time runs short."""
+        t = self.config.train
+        if budget.step_seconds is None:
+            if len(step_seconds) <= MEASURE_STEPS:  # the first step warms caches up and is not counted
+                return False
+            started = time.perf_counter()
+            self._validate()
+            eval_seconds = time.perf_counter() - started
+            per_image = eval_seconds / max(sum(len(d) for d in self.data.validation.values()), 1)
+            passes = (len(self.data.selection[1]) if self.data.selection else 0) + \
+                sum(len(d) for d in self.data.test.values()) * (2 if t.tta_report else 1)
+            measured = sorted(step_seconds[1:])[len(step_seconds[1:]) // 2]
+            total = budget.plan(self.step, measured, eval_seconds, t.eval_every, per_image * passes, t.steps)
+            # the cosine part of the schedule ends at the planned last step
+            self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
+                             f"evaluation: {total} steps (was {t.steps})")
+            t.steps = total
+            return True
+        if budget.exhausted() and self.step < t.steps:
+            self.log.message(f"time budget {t.time_budget}: ending training at step {self.step} of {t.steps} to "
+                             "leave time for the final evaluation")
+            t.steps = self.step
+        return False
+
     @staticmethod
     def _is_main_thread() -> bool:
         return threading.current_thread() is threading.main_thread()
@@ -287,10 +347,12 @@ class Trainer:
         sets = "\n".join("  " + line for line in d.train.report().splitlines())
         return (f"run {self.run_dir} (preset {c.preset}) on {self.device}"
                 f"{f' x {self.dist.world} processes' if self.dist.world > 1 else ''}\n"
-                f"model {c.model.arch} act={c.model.act} booster={c.model.booster} fused={c.model.fused}; "
-                f"optimizer {c.optim.name} lr {c.optim.lr}; {c.train.steps} steps of {c.train.batch_size} "
-                f"({self.micro_batch} x {self.accumulation} accumulation x {self.dist.world} processes); "
-                f"amp {self.amp_dtype}; data backend {self.loader.backend}\n"
+                f"model {c.model.arch} act={c.model.act} booster={c.model.booster} stem={c.model.stem} "
+                f"fused={c.model.fused}; optimizer {c.optim.name} lr {c.optim.lr}; {c.train.steps} steps of "
+                f"{c.train.batch_size} ({self.micro_batch} x {self.accumulation} accumulation x {self.dist.world} "
+                f"processes){f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
+                f"{self.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {self.loader.backend}; "
+                f"{c.data.image_size} px; freed memory {'kept' if self.keeps_freed_memory else 'returned'}\n"
                 f"training data:\n{sets}\nclass weights ({c.data.class_weights}): "
                 f"{[round(w, 4) for w in self.weights.tolist()]}\n"
                 f"evaluation: {', '.join(self.data.validation) or 'none'}; best model by "
@@ -310,7 +372,7 @@ class Trainer:
 
     def _validate(self) -> None:
         for name, dataset in self.data.validation.items():
-            result = evaluate(self.model, self._eval_loader(name, dataset), name, device=self.device,
+            result = evaluate(self.eval_model, self._eval_loader(name, dataset), name, device=self.device,
                               amp_dtype=self.amp_dtype, channels_last=self.config.train.channels_last)
             self.log.evaluation(self.step, result)
             if (self.data.selection and name == self.data.selection[0] and result.accuracy > self.best["accuracy"]
@@ -320,21 +382,26 @@ class Trainer:
 
     def final_evaluation(self) -> list:
         """The best model (or the last, without a selection set) on every test split, its probabilities
-        calibrated on the selection split (the temperature goes into best.pt); writes the reports."""
+        calibrated on the selection split (the temperature goes into best.pt), with flip test-time
+        augmentation as extra rows (train.tta_report); writes the reports and the model card."""
         best = self.run_dir / "best.pt"
         if self.data.selection and self.dist.world > 1:
             dist.barrier()  # rank 0 wrote best.pt
         if self.data.selection and best.is_file():
-            self.model.load_state_dict(checkpoint.load(best)["model"])
+            self.eval_model.load_state_dict(checkpoint.load(best)["model"])
         temperature = self._fit_temperature() if self.data.selection else 1.0
         self.save_model(temperature)  # without a selection split: the last model, so every run has a best.pt
         chosen = f"best.pt (step {self.best['step']})" if self.best["step"] is not None else "the last step"
-        options = dict(device=self.device, amp_dtype=self.amp_dtype, channels_last=self.config.train.channels_last)
-        results, table = evaluate_and_report(self.model, self.data.test, self._eval_loader, self.run_dir,
-                                             f"{self.run_dir.name}: test results of {chosen}", write=self.dist.main,
-                                             temperature=temperature, **options)
+        results, table = evaluate_and_report(
+            self.eval_model, self.data.test, self._eval_loader, self.run_dir,
+            f"{self.run_dir.name}: test results of {chosen}", write=self.dist.main,
+            tta_rows=self.config.train.tta_report, device=self.device, amp_dtype=self.amp_dtype,
+            channels_last=self.config.train.channels_last, temperature=temperature)
         if results:
             self.log.message(f"\ntest results of {chosen}:\n{table}")
+        if self.dist.main:
+            card = write_model_card(self, results, temperature)
+            self.log.message(f"model card: {card}")
         self.log.message(f"run files: {self.run_dir}")
         return results
 
@@ -342,7 +409,7 @@ class Trainer:
         """The calibration temperature of the model's logits on the selection split (every rank's shard)."""
         name, dataset = self.data.selection
         pairs = [(logits.cpu(), (targets.argmax(1) if targets.is_floating_point() else targets).cpu())
-                 for logits, targets in split_logits(self.model, self._eval_loader(name, dataset), device=self.device,
+                 for logits, targets in split_logits(self.eval_model, self._eval_loader(name, dataset), device=self.device,
                                                      amp_dtype=self.amp_dtype,
                                                      channels_last=self.config.train.channels_last)]
         if self.dist.world > 1:

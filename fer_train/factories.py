@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 from fer_train.config import ModelConfig, OptimConfig
+from fer_train.host import native_bfloat16
 
-__all__ = ["amp_dtype", "build_model", "build_optimizer"]
+__all__ = ["amp_dtype", "build_ema", "build_model", "build_optimizer"]
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of train.amp; auto: bf16 on GPUs that have it, fp16 on older ones, none on CPUs
-    (CPU autocast is slower than float32 for these convolutions)."""
+    """The autocast dtype of train.amp; auto: bf16 on GPUs that have it, fp16 on older ones; on CPUs bf16
+    where the CPU computes it natively (fer_train.host.native_bfloat16), else float32 (emulated bfloat16
+    is slower than float32)."""
     if mode == "auto":
         if device.type != "cuda":
-            return None
+            return torch.bfloat16 if native_bfloat16() else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
 
@@ -29,7 +31,8 @@ def build_model(config: ModelConfig, pretrained: bool = True) -> torch.nn.Module
     elif pretrained and config.pretrained is not None:
         weights = config.pretrained
     builder = resnet18 if config.arch == "resnet18" else resnet50
-    return builder(num_classes=8, act=config.act, booster=config.booster, fused=config.fused, weights=weights)
+    return builder(num_classes=8, act=config.act, booster=config.booster, fused=config.fused, weights=weights,
+                   stem=config.stem)
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
@@ -43,3 +46,19 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
     if config.name == "radam":
         return GCRAdam(params, **common)
     return Ranger(params, k=config.k, alpha=config.alpha, **common)
+
+
+def build_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of the model's weights and buffers (batch-norm statistics too). Its decay
+    rises from about 0.1 at the start to `decay` ((1 + n) / (10 + n) after n updates, as timm's), so that a
+    short run's average is not dominated by the random initial weights."""
+    def ema_update(averaged: list, current: list, num_averaged) -> None:
+        n = int(num_averaged)
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # counters such as batch norm's num_batches_tracked: the current value
+                a.copy_(c)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)

@@ -16,7 +16,7 @@ import torch
 from fer_train.data.base import CLASSES
 from fer_train.evaluation import EvalResult, evaluate
 
-__all__ = ["evaluate_and_report", "slug", "summary_table", "write_confusion"]
+__all__ = ["evaluate_and_report", "slug", "summary_table", "write_confusion", "write_reports"]
 
 
 def slug(name: str) -> str:
@@ -112,15 +112,28 @@ def _pct(fraction: float) -> str:
     return "-" if math.isnan(fraction) else f"{100 * fraction:.2f}"
 
 
-def evaluate_and_report(model: torch.nn.Module, splits: dict, loader_for: Callable, directory, title: str, *,
-                        write: bool = True, **options) -> tuple[list[EvalResult], str]:
-    """Evaluates `model` on every split ({name: data set}; loader_for(name, data set) gives its loader) and,
-    with `write`, leaves the reports in `directory`: confusion-<split>.csv and .png per split and summary.md
-    (under the heading `title`). options: as evaluate's. Returns the results and the summary table."""
-    results = [evaluate(model, loader_for(name, dataset), name, **options) for name, dataset in splits.items()]
+def write_reports(results: list[EvalResult], directory, title: str, write: bool = True) -> str:
+    """confusion-<split>.csv and .png per result and summary.md (under the heading `title`) in `directory`,
+    when `write`; returns the summary table."""
     table = summary_table(results)
     if write and results:
         for result in results:
             write_confusion(result, directory)
         (Path(directory) / "summary.md").write_text(f"# {title}\n\n{table}\n")
-    return results, table
+    return table
+
+
+TTA_SUFFIX = " (flip TTA)"
+
+
+def evaluate_and_report(model: torch.nn.Module, splits: dict, loader_for: Callable, directory, title: str, *,
+                        write: bool = True, tta_rows: bool = False, **options) -> tuple[list[EvalResult], str]:
+    """Evaluates `model` on every split ({name: data set}; loader_for(name, data set) gives its loader) and
+    writes the reports (write_reports). tta_rows: each split once more with horizontal-flip test-time
+    augmentation, as "<name> (flip TTA)". options: as fer_train.evaluation.evaluate's. Returns the results
+    and the summary table."""
+    results = [evaluate(model, loader_for(name, dataset), name, **options) for name, dataset in splits.items()]
+    if tta_rows:
+        results += [evaluate(model, loader_for(name, dataset), name + TTA_SUFFIX, **{**options, "tta": True})
+                    for name, dataset in splits.items()]
+    return results, write_reports(results, directory, title, write)

@@ -19,7 +19,7 @@ from torch import nn
 from fer_kernels.nn.layers import AccuracyBooster, Mish, Recalibrate
 from fer_kernels.reference import ACTIVATIONS
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet50", "load_torchvision_weights"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "STEMS", "resnet18", "resnet50", "load_torchvision_weights"]
 
 BOOSTERS = (None, "depthwise", "plus")
 
@@ -99,9 +99,19 @@ class Bottleneck(_Block):
         return self._finish(self.bn3(self.conv3(out)), x)
 
 
+STEMS = ("imagenet", "cifar")
+
+
 class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=8, act="mish", booster="plus", fused=True, backend=None):
+    """stem: "imagenet" (the paper's: 7x7/2 conv, BN, act, 3x3/2 max-pool; 224 px inputs reach stage 4 at
+    7 x 7) or "cifar" (3x3/1 conv, BN, act, no pool: for small inputs, where the ImageNet stem would leave
+    a 48 px face 2 x 2 at stage 4; 16 times the stages' work at the same input size)."""
+
+    def __init__(self, block, layers, num_classes=8, act="mish", booster="plus", fused=True, backend=None,
+                 stem="imagenet"):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"ResNet: stem must be one of {STEMS}, got {stem!r}")
         if act not in ("mish", "relu"):
             raise ValueError(f"ResNet: act must be 'mish' or 'relu', got {act!r}")
         booster = None if booster in (None, "none") else booster
@@ -109,13 +119,17 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: booster must be None, 'depthwise' or 'plus', got {booster!r}")
         if num_classes < 1:
             raise ValueError(f"ResNet: num_classes must be >= 1, got {num_classes}")
-        self.act_name, self.booster, self.fused = act, booster, fused
+        self.act_name, self.booster, self.fused, self.stem = act, booster, fused, stem
         options = dict(act=act, booster=booster, fused=fused, backend=backend)
         self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(64)
         self.act = _activation(act, fused, backend)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0], 1, options)
         self.layer2 = self._make_layer(block, 128, layers[1], 2, options)
         self.layer3 = self._make_layer(block, 256, layers[2], 2, options)
@@ -175,24 +189,28 @@ def load_torchvision_weights(model: ResNet, weights) -> list[str]:
     return list(result.missing_keys)
 
 
-def _build(block, layers, num_classes, act, booster, fused, backend, weights):
-    model = ResNet(block, layers, num_classes=num_classes, act=act, booster=booster, fused=fused, backend=backend)
+def _build(block, layers, num_classes, act, booster, fused, backend, weights, stem):
+    if weights is not None and stem != "imagenet":
+        raise ValueError(f"torchvision weights have the ImageNet stem; stem={stem!r} has another first convolution")
+    model = ResNet(block, layers, num_classes=num_classes, act=act, booster=booster, fused=fused, backend=backend,
+                   stem=stem)
     if weights is not None:
         load_torchvision_weights(model, weights)
     return model
 
 
 def resnet18(*, num_classes: int = 8, act: str = "mish", booster: str | None = "plus", fused: bool = True,
-             backend: str | None = None, weights=None) -> ResNet:
+             backend: str | None = None, weights=None, stem: str = "imagenet") -> ResNet:
     """ResNet-18 (basic blocks [2, 2, 2, 2]); defaults are the paper's ResNet-18 + Mish + ABP with 8 classes.
 
     act: "mish" or "relu"; booster: None, "depthwise" (AB) or "plus" (ABP); fused: the fused kernels or
     plain PyTorch ops (same parameters, same outputs); backend: forwarded to the fused ops; weights:
-    torchvision ResNet-18 weights to start from (see load_torchvision_weights)."""
-    return _build(BasicBlock, [2, 2, 2, 2], num_classes, act, booster, fused, backend, weights)
+    torchvision ResNet-18 weights to start from (see load_torchvision_weights); stem: "imagenet" (the
+    paper's) or "cifar" (for small inputs, see ResNet)."""
+    return _build(BasicBlock, [2, 2, 2, 2], num_classes, act, booster, fused, backend, weights, stem)
 
 
 def resnet50(*, num_classes: int = 8, act: str = "mish", booster: str | None = "plus", fused: bool = True,
-             backend: str | None = None, weights=None) -> ResNet:
+             backend: str | None = None, weights=None, stem: str = "imagenet") -> ResNet:
     """ResNet-50 (bottlenecks [3, 4, 6, 3], stride on the 3x3 conv); arguments as resnet18."""
-    return _build(Bottleneck, [3, 4, 6, 3], num_classes, act, booster, fused, backend, weights)
+    return _build(Bottleneck, [3, 4, 6, 3], num_classes, act, booster, fused, backend, weights, stem)

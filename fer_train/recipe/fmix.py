@@ -121,11 +121,11 @@ def fmix_masks(shape_or_hw: Sequence[int], lam, decay_power: float = 3.0, genera
     return masks.reshape(n, h, w) if lam.dim() == 1 else masks.reshape(h, w)
 
 
-def _cross_entropy_terms(logits, target, weight, factor):
+def _cross_entropy_terms(logits, target, weight, factor, label_smoothing=0.0):
     """F.cross_entropy(logits, target, weight) ("mean") with each sample's term multiplied by `factor`:
     sum_i f_i w[y_i] l_i / sum_i w[y_i] for class indices, sum_i f_i l_i / N for class probabilities (torch
     weights each probability inside the sum, and divides by N)."""
-    terms = F.cross_entropy(logits, target, weight=weight, reduction="none")
+    terms = F.cross_entropy(logits, target, weight=weight, reduction="none", label_smoothing=label_smoothing)
     if target.is_floating_point() or weight is None:
         total = logits.new_tensor(float(logits.shape[0]))
     else:
@@ -134,7 +134,7 @@ def _cross_entropy_terms(logits, target, weight, factor):
 
 
 def fmix_loss(logits: torch.Tensor, target: torch.Tensor, target_perm: torch.Tensor, lam,
-              weight: torch.Tensor | None = None) -> torch.Tensor:
+              weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """FMix's loss, lam * CE_w(logits, target) + (1 - lam) * CE_w(logits, target_perm) (docs/method.md section 5).
 
     logits: N x K. target, target_perm: N class indices, or N x K class probabilities (soft labels); the
@@ -143,6 +143,7 @@ def fmix_loss(logits: torch.Tensor, target: torch.Tensor, target_perm: torch.Ten
     Each CE_w is torch's F.cross_entropy(..., weight) mean, so with one lam this equals
     lam * F.cross_entropy(logits, target, weight) + (1 - lam) * F.cross_entropy(logits, target_perm, weight);
     with per-sample lam each sample's term is scaled by its lam (resp. 1 - lam) inside the same mean.
+    label_smoothing: as F.cross_entropy's (that share of each target spread evenly over the classes).
     Half-precision logits compute in float32.
     """
     if logits.dim() != 2:
@@ -158,8 +159,8 @@ def fmix_loss(logits: torch.Tensor, target: torch.Tensor, target_perm: torch.Ten
     if lam.shape not in ((), (n,)):
         raise ValueError(f"fmix_loss: lam must be a number or {n} values (one per sample), got shape "
                          f"{tuple(lam.shape)}")
-    return (_cross_entropy_terms(logits, target, weight, lam)
-            + _cross_entropy_terms(logits, target_perm, weight, 1 - lam))
+    return (_cross_entropy_terms(logits, target, weight, lam, label_smoothing)
+            + _cross_entropy_terms(logits, target_perm, weight, 1 - lam, label_smoothing))
 
 
 class FMix:

@@ -1,0 +1,89 @@
+"""The recipe options that buy accuracy per CPU-hour: a time budget that still evaluates and writes the model
+card, the soft-label loss, label smoothing, the weight EMA saved as best.pt, the CIFAR stem."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fer_train import budget, checkpoint
+from fer_train.cli import main
+from fer_train.recipe.fmix import fmix_loss
+from helpers import TINY
+
+RUN = ["--batch-size", "4", *TINY]
+
+
+def test_budget_plan_leaves_time_for_evaluations_and_the_end():
+    plan = budget.Budget(seconds=1000.0, start=time.perf_counter() - 100.0)  # 100 s already spent
+    total = plan.plan(step=20, step_seconds=0.5, eval_seconds=10.0, eval_every=100, final_seconds=50.0, upper=10**6)
+    left = budget.SAFETY * 1000 - 100 - (50.0 + budget.FINAL_FIXED_S)
+    assert abs((total - 20) - left / (0.5 + 10.0 / 100)) <= 1  # the clock moves on a little meanwhile
+    assert plan.plan(step=20, step_seconds=0.5, eval_seconds=10.0, eval_every=100, final_seconds=50.0, upper=500) == 500
+    assert not plan.exhausted()
+    plan.start -= 10_000  # far past the budget
+    assert plan.exhausted()
+
+
+def test_a_time_budget_stops_training_and_still_evaluates_and_writes_the_card(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "MEASURE_STEPS", 3)
+    run = tmp_path / "run"
+    started = time.perf_counter()
+    assert main(["--steps", "100000", "--time-budget", "40s", "--out", str(run), *RUN,
+                 "--set", "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000"]) == 0
+    elapsed = time.perf_counter() - started
+    state = checkpoint.load(run / "last.pt")
+    assert 3 < state["step"] < 100000 and state["config"]["train"]["steps"] == state["step"]
+    assert elapsed < 40 * 1.5, f"the run took {elapsed:.0f} s of a 40 s budget"
+    card = (run / "model-card.md").read_text()
+    assert "synthetic test" in card and "time budget 40s" in card and (run / "summary.md").is_file()
+
+
+def test_soft_label_loss_is_the_cross_entropy_on_the_distributions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    votes = torch.rand(6, 8, generator=g, dtype=torch.float64)
+    target = votes / votes.sum(1, keepdim=True)
+    by_hand = -(target * logits.log_softmax(1)).sum(1).mean()
+    assert fmix_loss(logits, target, target, 1.0).item() == pytest.approx(by_hand.item(), rel=1e-12)
+    perm = target[[1, 0, 3, 2, 5, 4]]
+    mixed = 0.3 * by_hand + 0.7 * -(perm * logits.log_softmax(1)).sum(1).mean()
+    assert fmix_loss(logits, target, perm, 0.3).item() == pytest.approx(mixed.item(), rel=1e-12)
+    smoothed = 0.9 * target + 0.1 / 8
+    assert fmix_loss(logits, target, target, 1.0, label_smoothing=0.1).item() == pytest.approx(
+        -(smoothed * logits.log_softmax(1)).sum(1).mean().item(), rel=1e-12)
+    hard = torch.tensor([0, 1, 2, 3, 4, 5])
+    assert fmix_loss(logits, hard, hard, 1.0, label_smoothing=0.1).item() == pytest.approx(
+        F.cross_entropy(logits, hard, label_smoothing=0.1).item(), rel=1e-12)
+
+
+def test_with_ema_best_pt_holds_the_averaged_weights(tmp_path):
+    run = tmp_path / "run"
+    assert main(["--steps", "4", "--out", str(run), *RUN, "--set", "train.ema=0.9", "--set", "train.eval_every=4",
+                 "--set", "train.tta_report=false"]) == 0
+    last, best = checkpoint.load(run / "last.pt"), checkpoint.load(run / "best.pt")
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert best["model"].keys() == last["model"].keys() == averaged.keys()
+    assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in averaged)
+
+
+def test_cifar_stem_keeps_the_blocks_and_the_resolution():
+    from fer_kernels.models import resnet18
+
+    imagenet, cifar = resnet18(), resnet18(stem="cifar")
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool,
+                                                                                           torch.nn.Identity)
+    extra = sum(p.numel() for p in imagenet.parameters()) - sum(p.numel() for p in cifar.parameters())
+    assert extra == 64 * 3 * (7 * 7 - 3 * 3)  # only the first convolution differs
+    features = {}
+    cifar.layer4.register_forward_hook(lambda m, i, o: features.update(layer4=o.shape))
+    cifar.eval()(torch.randn(1, 3, 48, 48))
+    assert features["layer4"][-2:] == (6, 6)  # the ImageNet stem leaves a 48 px face 2 x 2 here
+    with pytest.raises(ValueError, match="stem must be one of"):
+        resnet18(stem="tiny")
+    assert math.isfinite(cifar(torch.randn(2, 3, 48, 48)).sum().item())
