@@ -34,12 +34,11 @@ import torch.nn.functional as F
 
 from fer_train import checkpoint
 from fer_train.budget import MEASURE_STEPS, Budget
-from fer_train.calibration import fit_temperature
 from fer_train.config import RunConfig, installed, parse_duration
 from fer_train.data import CLASSES, MixedTargets, build_loader, class_weights
 from fer_train.distributed import init_distributed, select_device
 from fer_train.errors import ConfigError
-from fer_train.evaluation import evaluate, split_logits
+from fer_train.evaluation import evaluate, selection_temperature
 from fer_train.factories import amp_dtype, build_ema, build_model, build_optimizer
 from fer_train.host import keep_freed_memory
 from fer_train.model_card import write_model_card
@@ -98,7 +97,7 @@ class Trainer:
         fmix = FMix(d.fmix_alpha, d.fmix_decay_power, d.fmix_per_sample) if d.fmix else None
         self.loader = build_loader(self.data.train, micro, True, d.image_size, self.device, d.backend, fmix, t.seed,
                                    rank=self.dist.rank, world=self.dist.world, num_workers=d.workers,
-                                   channels_last=t.channels_last)
+                                   channels_last=t.channels_last, timeout=d.timeout)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
         self._elapsed_before, self._session_start = 0.0, time.perf_counter()  # wall time of earlier sessions
         self.last_good: str | None = None  # the newest checkpoint, which was checked to hold finite weights
@@ -367,7 +366,7 @@ class Trainer:
             self._eval_loaders[name] = build_loader(
                 dataset, max(c.train.eval_batch_size // self.dist.world, 1), False, c.data.image_size, self.device,
                 c.data.backend, rank=self.dist.rank, world=self.dist.world, num_workers=c.data.workers,
-                channels_last=c.train.channels_last)
+                channels_last=c.train.channels_last, timeout=c.data.timeout)
         return self._eval_loaders[name]
 
     def _validate(self) -> None:
@@ -389,7 +388,13 @@ class Trainer:
             dist.barrier()  # rank 0 wrote best.pt
         if self.data.selection and best.is_file():
             self.eval_model.load_state_dict(checkpoint.load(best)["model"])
-        temperature = self._fit_temperature() if self.data.selection else 1.0
+        temperature = 1.0
+        if self.data.selection:
+            name, dataset = self.data.selection
+            temperature, count = selection_temperature(self.eval_model, self._eval_loader(name, dataset),
+                                                       device=self.device, amp_dtype=self.amp_dtype,
+                                                       channels_last=self.config.train.channels_last)
+            self.log.message(f"calibration: temperature {temperature:.3f} on {name} ({count} images)")
         self.save_model(temperature)  # without a selection split: the last model, so every run has a best.pt
         chosen = f"best.pt (step {self.best['step']})" if self.best["step"] is not None else "the last step"
         results, table = evaluate_and_report(
@@ -404,19 +409,3 @@ class Trainer:
             self.log.message(f"model card: {card}")
         self.log.message(f"run files: {self.run_dir}")
         return results
-
-    def _fit_temperature(self) -> float:
-        """The calibration temperature of the model's logits on the selection split (every rank's shard)."""
-        name, dataset = self.data.selection
-        pairs = [(logits.cpu(), (targets.argmax(1) if targets.is_floating_point() else targets).cpu())
-                 for logits, targets in split_logits(self.eval_model, self._eval_loader(name, dataset), device=self.device,
-                                                     amp_dtype=self.amp_dtype,
-                                                     channels_last=self.config.train.channels_last)]
-        if self.dist.world > 1:
-            gathered = [None] * self.dist.world
-            dist.all_gather_object(gathered, pairs)
-            pairs = [pair for shard in gathered for pair in shard]
-        logits, targets = (torch.cat(part) for part in zip(*pairs))
-        temperature = fit_temperature(logits, targets)
-        self.log.message(f"calibration: temperature {temperature:.3f} on {name} ({len(targets)} images)")
-        return temperature

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from fer_train.calibration import CalibrationBins
+from fer_train.calibration import CalibrationBins, fit_temperature
 from fer_train.data.base import CLASSES
 
 __all__ = ["EvalResult", "confusion_matrix", "evaluate", "split_logits"]
@@ -208,3 +208,18 @@ def evaluate(model: torch.nn.Module, loader, name: str, *, device=None, amp_dtyp
     count = int(confusion.sum())
     loss = float(loss_sum) / count if count else math.nan
     return EvalResult(name, confusion, loss, present, raw.ece(), float(temperature), calibrated.ece())
+
+
+def selection_temperature(model: torch.nn.Module, loader, *, device=None, amp_dtype: torch.dtype | None = None,
+                          channels_last: bool = False) -> tuple[float, int]:
+    """The calibration temperature of the model's logits on a split (fer_train.calibration), and the number of
+    images it saw; under torch.distributed every rank's shard is gathered so all ranks get the same value."""
+    pairs = [(logits.cpu(), (targets.argmax(1) if targets.is_floating_point() else targets).cpu())
+             for logits, targets in split_logits(model, loader, device=device, amp_dtype=amp_dtype,
+                                                 channels_last=channels_last)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, pairs)
+        pairs = [pair for shard in gathered for pair in shard]
+    logits, targets = (torch.cat(part) for part in zip(*pairs))
+    return fit_temperature(logits, targets), len(targets)

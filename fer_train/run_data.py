@@ -39,7 +39,7 @@ def _open(name: str, root, split: str, config) -> object:
     # FERPlus's evaluation protocol is its majority labels whatever the training labels are (docs/method.md
     # section 8): a model trained on vote distributions is compared with the others on the same images.
     options = {"label_mode": d.ferplus_label_mode if split == "train" else "majority"} if name == "ferplus" else {}
-    return open_dataset(name, root, split, on_error=d.on_error, **options)
+    return open_dataset(name, root, split, on_error=d.on_error, max_image_pixels=d.max_image_pixels, **options)
 
 
 def _has_split(root: Path, name: str, split: str) -> bool:

@@ -12,13 +12,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from fer_train.data.images import MAX_IMAGE_PIXELS, ImageError, decode
 from fer_train.errors import DataError
 
-__all__ = ["ALL_CLASSES", "CLASSES", "CombinedDataset", "FERDataset", "Record", "SKIP_HINT"]
+__all__ = ["ALL_CLASSES", "CLASSES", "CombinedDataset", "FERDataset", "Record", "SKIP_HINT", "unusable"]
 
 CLASSES = ("neutral", "happy", "surprise", "sad", "anger", "disgust", "fear", "contempt")  # docs/method.md section 1
 ALL_CLASSES = tuple(range(len(CLASSES)))
 SKIP_HINT = "or open the set with on_error='skip' to leave it out"
+
+
+def unusable(reason: str, message: str) -> str:
+    """The message of an image that cannot be used (ImageError: reason, message), with what to do about it."""
+    fix = "replace the file or raise data.max_image_pixels" if reason == "image too large" else "restore the file"
+    return f"{message}; {fix}, {SKIP_HINT}"
 
 
 @dataclass(frozen=True)
@@ -34,17 +41,18 @@ class FERDataset(Dataset):
     """One split of one data set: (uint8 3 x H x W RGB image cropped to the face box, target) per record.
 
     The target is an int64 scalar, or float32 [8] probabilities for records with soft targets. An image
-    that passed the opening checks but does not load raises DataError; with on_error="skip" the next
-    sample that loads stands in and the image is counted under "unreadable image" (in the process that
-    read it: DataLoader workers keep their own counts).
+    that passed the opening checks but does not load raises DataError (ImageError, with its reason);
+    with on_error="skip" the next sample that loads stands in and the image is counted under "unreadable
+    image". (The pipelines read through encoded() and decode() themselves and keep their own counts:
+    fer_train.data.pipeline.) Images of more than max_image_pixels pixels do not load.
     """
 
     def __init__(self, name: str, split: str, records: list[Record], *, root: Path | None = None,
                  skipped: Counter | None = None, present_classes: tuple[int, ...] = ALL_CLASSES,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         self.name, self.split, self.records, self.root = name, split, records, root
         self.skipped = skipped if skipped is not None else Counter()
-        self.present_classes, self.on_error = present_classes, on_error
+        self.present_classes, self.on_error, self.max_image_pixels = present_classes, on_error, max_image_pixels
         self._unreadable: set[int] = set()  # indices that failed to load (skip mode), tried once
 
     def __len__(self) -> int:
@@ -60,9 +68,9 @@ class FERDataset(Dataset):
                 continue
             try:
                 return self.image(j).expand(3, -1, -1).contiguous(), self.target(j)
-            except DataError:
+            except ImageError as err:
                 if self.on_error == "raise":
-                    raise
+                    raise ImageError(err.reason, unusable(err.reason, str(err))) from err
                 self._unreadable.add(j)
                 self.skipped["unreadable image"] = len(self._unreadable)
         raise DataError(f"{self.name} {self.split}: none of its {n} images loads; check the files under "
@@ -70,10 +78,8 @@ class FERDataset(Dataset):
 
     def image(self, i: int) -> torch.Tensor:
         """Sample i's image, uint8 C x H x W (C = 1 for grey, else 3), cropped to its face box."""
-        from fer_train.data.images import decode
-
         record = self.records[i]
-        image = decode(self.encoded(i), record.path)
+        image = decode(self.encoded(i), record.path, self.max_image_pixels)
         if record.box is not None:
             left, top, right, bottom = record.box
             image = image[:, top:bottom, left:right]
@@ -90,9 +96,12 @@ class FERDataset(Dataset):
         path = self.records[i].path
         try:
             return Path(path).read_bytes()
+        except FileNotFoundError as err:
+            raise ImageError("missing image", f"{path}: the image has gone (no such file) since the set was "
+                                              f"opened") from err
         except OSError as err:
-            raise DataError(f"{path}: cannot read the image ({err.strerror}); it was readable when the set was "
-                            f"opened: restore the file") from err
+            raise ImageError("unreadable image", f"{path}: cannot read the image ({err.strerror}), which was "
+                                                 f"readable when the set was opened") from err
 
     def locate(self, i: int) -> tuple[FERDataset, int]:
         """(the FERDataset holding sample i, its index there): this set itself (CombinedDataset: a part)."""

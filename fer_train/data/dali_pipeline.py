@@ -15,16 +15,35 @@ saturation and a hue rotation about the grey axis, clamping once at the end: it 
 (fer_kernels.reference.augment: HSV hue, a clamp after each step) by about 0.026 of the [0, 1] range on
 average at the largest hue shift, less on the pale colours of faces. On a GPU, DALI decodes on the device (nvJPEG,
 "mixed") and the fused kernel of fer_kernels.augment does the rest exactly.
+
+DALI decodes what fer_train.data.images.decode decodes, to the pixel: a worker checks each file with decode()
+the first time it sees its bytes, so that both pipelines refuse the same files (DALI reads a JPEG with a
+corrupt body without a word), and hands DALI a lossless PNG of decode()'s pixels for the kinds DALI reads
+otherwise (CMYK JPEG, extended WebP: Header.plain). Failures come back with the batch as a sixth output
+(fer_train.data.pipeline). The workers ignore stop signals sent to the process group (shield_worker); a
+timer bounds the wait for a batch; a script read from standard input, which spawned workers cannot import,
+is read in the main process.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import zlib
 
 import numpy as np
 import torch
+from torchvision.io import encode_png
 
-from fer_train.data.pipeline import Pipeline, stack_targets
+from fer_train.data.images import decode, parse_header
+from fer_train.errors import DataError
+from fer_train.data.pipeline import Pipeline, shield_worker, stack_targets, starting_workers, worker_failure
 from fer_train.recipe.augmentation import AugmentParams, apply, full_boxes
 
 
@@ -54,24 +73,27 @@ def linear_colour(colour: torch.Tensor) -> torch.Tensor:
     return (turn @ blend * (brightness * contrast)[:, None, None]).float()
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the file header alone."""
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as image:
-        return image.height, image.width
-
-
 _HALF = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+_NO_FAILURES = np.zeros(0, dtype=np.uint8)
 
 
 class _BatchSource:
     """The external source: batch `info.iteration` of the epoch, as encoded files, targets, 3 x 3 warp
-    matrices (output pixel -> source pixel) and colour factors. Runs in DALI's worker processes."""
+    matrices (output pixel -> source pixel), colour factors and the batch's failures (JSON bytes in the first
+    sample's slot: {"complete": whether the batch could be made, "failures": [[sample, reason, message]]}).
+    Runs in DALI's worker processes, or in the main process when they cannot start."""
 
     def __init__(self, pipeline: DaliPipeline, first_epoch: int, first_position: int, gpu: bool):
         self.pipeline, self.gpu = pipeline, gpu
         self.first_epoch, self.first_position = first_epoch, first_position
         self._epoch, self._batches = None, None
+        self._main = os.getpid()
+        self._checked: dict[str, tuple[int, tuple[int, int], bool]] = {}  # path -> (checksum, size, plain)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if os.getpid() != self._main:  # unpickled in a worker process, as it starts
+            shield_worker(self._main)
 
     def __call__(self, info):
         # A worker process's small tensor ops (sample parameters, drawn synthetic faces) run 20x slower with
@@ -87,21 +109,75 @@ class _BatchSource:
         if position >= len(self._batches):
             raise StopIteration
         indices = self._batches[position]
-        files, targets, boxes = [], [], []
+        files, targets, boxes, failures = [], [], [], []
         for index in indices.tolist():
-            part, local, record = pipeline.sample(index)
-            data = part.encoded(local)
-            files.append(np.frombuffer(data, dtype=np.uint8))
-            targets.append(pipeline.target(record))
-            boxes.append(record.box if record.box is not None else full_boxes([_image_size(data)])[0].tolist())
+            loaded, met = pipeline.read(index, self._load)
+            failures += met
+            if loaded is None:  # no batch: the main process raises
+                files, targets, boxes = [_placeholder()] * len(indices), [torch.tensor(0)] * len(indices), \
+                    [[0.0, 0.0, 1.0, 1.0]] * len(indices)
+                break
+            files.append(loaded[0])
+            targets.append(loaded[1])
+            boxes.append(loaded[2])
         params = pipeline.params(torch.tensor(boxes, dtype=torch.float64), indices, epoch)
         matrices = torch.cat([params.matrices, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(len(indices), 1, 3)], 1)
         if not self.gpu:  # DALI's warp puts pixel centres at i + 1/2, fer_kernels.augment at i
             matrices = (_HALF @ matrices.double() @ _HALF.inverse()).float()
         stacked = stack_targets(targets).numpy()
         rows = lambda a: [np.array(row) for row in a]  # noqa: E731 - one array per sample (0-d for labels)
+        report = [_NO_FAILURES] * len(indices)
+        if failures:
+            text = json.dumps({"complete": loaded is not None, "failures": failures})
+            report[0] = np.frombuffer(text.encode(), dtype=np.uint8)
         return (files, rows(stacked), rows(matrices.numpy()), rows(params.colour.numpy()),
-                rows(linear_colour(params.colour).numpy()))
+                rows(linear_colour(params.colour).numpy()), report)
+
+    def _load(self, part, local, record) -> tuple[np.ndarray, torch.Tensor, list[float]]:
+        """(the bytes DALI decodes, the target, the face box) of one sample; ImageError if it cannot be used."""
+        data = part.encoded(local)
+        if record.path is None:  # drawn (synthetic): a PNG made here
+            header = parse_header(data)
+            file, size = np.frombuffer(data, dtype=np.uint8), (header.height, header.width)
+        else:
+            file, size = self._file(record.path, data, part.max_image_pixels)
+        box = record.box if record.box is not None else full_boxes([size])[0].tolist()
+        return file, self.pipeline.target(record), box
+
+    def _file(self, path: str, data: bytes, max_pixels) -> tuple[np.ndarray, tuple[int, int]]:
+        """(what DALI decodes for these bytes of the file at `path`, the image's size). decode() must read
+        them, at the first sight of these bytes (by checksum: a file can change mid-run); a kind DALI reads
+        otherwise goes as a PNG of decode()'s pixels, made again at each read (such files are rare)."""
+        checksum = zlib.crc32(data)
+        seen = self._checked.get(path)
+        image = None
+        if seen is None or seen[0] != checksum:
+            image = decode(data, path, max_pixels)
+            seen = self._checked[path] = checksum, tuple(image.shape[1:]), parse_header(data).plain
+        if seen[2]:
+            return np.frombuffer(data, dtype=np.uint8), seen[1]
+        image = decode(data, path, max_pixels) if image is None else image
+        return encode_png(image).numpy(), seen[1]
+
+
+def _placeholder(cache=[]) -> np.ndarray:  # noqa: B006 - made once per process
+    """A 1 x 1 grey PNG: the files of a batch that could not be made, which DALI still decodes."""
+    if not cache:
+        cache.append(encode_png(torch.zeros(1, 1, 1, dtype=torch.uint8)).numpy())
+    return cache[0]
+
+
+def _workers_can_start() -> bool:
+    """Whether DALI's spawned worker processes can import this program's main module, as multiprocessing's
+    spawn does (by module name, else by file): not when it is a script read from standard input
+    (python - < script.py, whose __file__ is "<stdin>")."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return True
+    path = getattr(main, "__file__", None)
+    if path is None:  # an interactive session or python -c: spawn imports nothing
+        return True
+    return os.path.isfile(os.path.join(getattr(multiprocessing.process, "ORIGINAL_DIR", None) or "", path))
 
 
 class DaliPipeline(Pipeline):
@@ -111,10 +187,10 @@ class DaliPipeline(Pipeline):
         if self.out_dtype not in (torch.float32, torch.float16):
             raise ValueError(f"the DALI pipeline writes float32 or float16 batches, not {self.out_dtype}")
         self.num_threads = num_threads
-        self._pipe = None
+        self._pipe, self._stalled = None, None
 
     def __getstate__(self):
-        return {**self.__dict__, "_pipe": None}  # DALI's worker processes get the reading side only
+        return {**self.__dict__, "_pipe": None, "_stalled": None}  # the workers get the reading side only
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -122,15 +198,21 @@ class DaliPipeline(Pipeline):
         gpu = self.device.type == "cuda"
         source = _BatchSource(self, self.epoch, self.position, gpu)
         s, mean, std = self.config.out_size, self.config.mean, self.config.std
+        parallel = self.num_workers > 0 and _workers_can_start()
+        if self.num_workers > 0 and not parallel:
+            print("warning: the DALI pipeline reads its files in the main process: its worker processes would "
+                  "import the main script, which was read from standard input; run it from a file to use them",
+                  file=sys.stderr)
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
-                      device_id=(self.device.index or 0) if gpu else None, py_num_workers=self.num_workers,
+                      device_id=(self.device.index or 0) if gpu else None, py_num_workers=max(self.num_workers, 1),
                       py_start_method="spawn", prefetch_queue_depth=2)
         def graph():
-            files, targets, matrices, colour, colour_map = fn.external_source(
-                source=source, num_outputs=5, batch=True, batch_info=True, parallel=True)
+            files, targets, matrices, colour, colour_map, failures = fn.external_source(
+                source=source, num_outputs=6, batch=True, batch_info=True, parallel=parallel)
             if gpu:  # decode on the device; fer_kernels.augment does the rest
-                return fn.decoders.image(files, device="mixed", output_type=types.RGB), targets, matrices, colour
+                return (fn.decoders.image(files, device="mixed", output_type=types.RGB), targets, matrices, colour,
+                        failures)
             images = fn.decoders.image(files, device="cpu", output_type=types.RGB)
             grey = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
             # contrast pulls toward the brightened mean grey: x -> c b x + (1 - c) b m, on every channel
@@ -141,10 +223,11 @@ class DaliPipeline(Pipeline):
             images = fn.crop_mirror_normalize(images, mean=[255 * m for m in mean], std=[255 * v for v in std],
                                               dtype=types.FLOAT16 if self.out_dtype == torch.float16 else types.FLOAT,
                                               output_layout="HWC" if self.channels_last else "CHW")
-            return images, targets
+            return images, targets, failures
 
-        self._pipe = graph()
-        self._pipe.build()
+        self._pipe, self._stalled = graph(), None
+        with starting_workers():  # the worker processes start here
+            self._pipe.build()
 
     def __iter__(self):
         # A pipeline is built at (epoch, position) and then goes on by itself: an iteration stopped
@@ -153,13 +236,60 @@ class DaliPipeline(Pipeline):
             self._build()
         while True:
             try:
-                outputs = self._pipe.run()
+                outputs = self._run()
             except StopIteration:
                 self._pipe.reset()
                 break
+            except RuntimeError as err:  # DALI's "Worker data receiving interrupted" when a worker has gone
+                failure = self._stalled or worker_failure("DALI", self._workers(), None, self.timeout)
+                if failure is None:
+                    raise
+                self._pipe = None  # its workers are gone: the next iteration builds a new one
+                raise failure from err
+            report = np.array(outputs[-1][0])
+            if report.size:
+                report = json.loads(report.tobytes())
+                try:
+                    self.note([tuple(f) for f in report["failures"]], report["complete"])
+                except DataError:
+                    self._pipe = None  # it has read past this batch: a next iteration rebuilds it here
+                    raise
             self.position += 1
             yield self._to_torch(outputs)
         self.epoch, self.position = self.epoch + 1, 0
+
+    def _run(self):
+        """The next batch, waiting at most `timeout` seconds for the workers: then a timer records their
+        states and kills them, which ends the wait (DALI stops when a worker exits); __iter__ raises."""
+        workers = self._workers()
+        if not workers:
+            return self._pipe.run()
+        start, lock, waiting = time.monotonic(), threading.Lock(), [True]
+
+        def stalled():
+            with lock:  # not once the batch has come
+                if waiting:
+                    self._stalled = worker_failure("DALI", workers, time.monotonic() - start, self.timeout)
+                    for process in workers:
+                        if process.exitcode is None:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(process.pid, signal.SIGKILL)
+
+        timer = threading.Timer(self.timeout, stalled)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._pipe.run()
+        finally:
+            with lock:
+                waiting.clear()
+            timer.cancel()
+
+    def _workers(self) -> list:
+        """The worker processes (multiprocessing.Process) of the built pipeline, none when it reads in this
+        process. DALI 2.x keeps them at Pipeline._py_pool.pool._processes (not a public interface)."""
+        pool = getattr(getattr(self._pipe, "_py_pool", None), "pool", None)
+        return list(getattr(pool, "_processes", []))
 
     def _to_torch(self, outputs):
         targets = torch.from_numpy(np.array(outputs[1].as_tensor())).to(self.device, non_blocking=True)

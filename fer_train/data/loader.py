@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from fer_train.config import DATA_BACKENDS
+from fer_train.config import DATA_BACKENDS, DataConfig
 from fer_train.data.base import CombinedDataset
 from fer_train.data.dali_pipeline import DaliPipeline, dali_available
 from fer_train.data.torch_pipeline import TorchPipeline
@@ -43,7 +43,8 @@ class Loader:
 
     @property
     def skipped(self) -> Counter:
-        """Samples left out while reading (data.on_error="skip"), by reason, since the loader was made."""
+        """Samples left out while reading (data.on_error="skip"), by reason, since the loader was made: each
+        sample once, whichever process read it."""
         return self.pipeline.skipped
 
     def __iter__(self):
@@ -68,7 +69,7 @@ class Loader:
 def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, device=None, backend: str = "auto",
                  fmix=None, seed: int = 0, *, rank: int = 0, world: int = 1, num_workers: int = 2,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 config: AugmentConfig | None = None) -> Loader:
+                 config: AugmentConfig | None = None, timeout: float = DataConfig.timeout) -> Loader:
     """Batches of (images N x 3 x image_size x image_size on `device`, targets) from one data set or a list
     of them (combined into one training set).
 
@@ -78,7 +79,10 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     (DALI when it is installed). fmix: None, or a callable (images, targets, generator=...) -> (images,
     targets, targets_perm, lam), e.g. fer_train.recipe.fmix.FMix(); training batches then carry MixedTargets.
     rank / world: this process's shard of every epoch (distinct samples per rank). Targets are class
-    indices (int64), or N x 8 probabilities when a set has soft targets.
+    indices (int64), or N x 8 probabilities when a set has soft targets. timeout: seconds without a batch
+    from the worker processes before InputWorkerError (data.timeout), which also reports a worker that
+    died. An image that cannot be read mid-run raises DataError, or with the set's on_error="skip" is
+    replaced by the next sample that reads and counted in Loader.skipped.
     """
     if backend not in DATA_BACKENDS:
         raise ValueError(f"build_loader: backend must be one of {DATA_BACKENDS}, got {backend!r}")
@@ -94,5 +98,5 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     use_dali = backend == "dali" or (backend == "auto" and dali_available())
     kind = DaliPipeline if use_dali else TorchPipeline
     pipeline = kind(datasets, batch_size, train, device, config=config, seed=seed, rank=rank, world=world,
-                    num_workers=num_workers, out_dtype=out_dtype, channels_last=channels_last)
+                    num_workers=num_workers, out_dtype=out_dtype, channels_last=channels_last, timeout=timeout)
     return Loader(pipeline, fmix if train else None, seed)

@@ -1,28 +1,33 @@
 """The pipeline for machines without DALI: torchvision decodes (JPEG on the GPU where there is one), and
 the augmentation of docs/method.md section 6 runs on the device as one fused pass (fer_kernels.augment).
 
-DataLoader workers read the files (and decode what the GPU cannot: PNG, WebP, or everything on a CPU
-machine); the main process decodes the batch's JPEGs on the GPU, draws each sample's parameters from
-(seed, epoch, index) and writes the normalised batch with one kernel. On a CPU machine the workers also
-augment, so they share that work as they share decoding.
+DataLoader workers read the files (and decode what the GPU cannot: PNG, WebP, JPEGs other than plain
+upright grey or YCbCr ones, or everything on a CPU machine); the main process decodes the batch's JPEGs on
+the GPU, draws each sample's parameters from (seed, epoch, index) and writes the normalised batch with one
+kernel. On a CPU machine the workers also augment, so they share that work as they share decoding. Images
+that cannot be read are replaced or raise in the main process (fer_train.data.pipeline); the workers
+ignore stop signals sent to the process group (shield_worker), and the main process waits at most
+`timeout` seconds for a batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import signal
+import time
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fer_train.errors import DataError
-from fer_train.data.images import decode
-from fer_train.data.pipeline import Pipeline, stack_targets
+from fer_train.data.images import ImageError, decode, parse_header
+from fer_train.data.pipeline import Pipeline, shield_worker, stack_targets, starting_workers, worker_failure
 from fer_train.recipe.augmentation import apply, full_boxes
 
 __all__ = ["TorchPipeline"]
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass
@@ -35,28 +40,37 @@ class _Item:
 
 class _Fetch:
     """DataLoader worker side: one batch of samples, read and (unless left to the GPU) decoded; for a CPU
-    batch also augmented (`augment_epoch` set)."""
+    batch also augmented (`augment_epoch` set). Gives (images or items, the samples' targets, failures), or
+    (None, None, failures) when the batch cannot be made (Pipeline.read)."""
 
     def __init__(self, pipeline: TorchPipeline, gpu_jpeg: bool, augment_epoch: int | None = None):
         self.pipeline, self.gpu_jpeg, self.augment_epoch = pipeline, gpu_jpeg, augment_epoch
 
     def __call__(self, indices):
-        items, targets = [], []
-        for index in indices:
-            part, local, record = self.pipeline.sample(index)
-            if record.path is None:  # generated (synthetic): the data set draws it
-                items.append(_Item(part.image(local), False, None, None))
-            else:
-                data = torch.frombuffer(bytearray(part.encoded(local)), dtype=torch.uint8)
-                if self.gpu_jpeg and bytes(data[:3]) == _JPEG_MAGIC:
-                    items.append(_Item(data, True, record.box, record.path))
-                else:
-                    items.append(_Item(decode(data, record.path), False, record.box, record.path))
-            targets.append(self.pipeline.target(record))
+        items, targets, failures = [], [], []
+        for index in indices.tolist():
+            loaded, met = self.pipeline.read(index, self._load)
+            failures += met
+            if loaded is None:
+                return None, None, failures
+            items.append(loaded[0])
+            targets.append(loaded[1])
         if self.augment_epoch is not None:
-            return self.pipeline.augment([it.data for it in items], items, indices, self.augment_epoch), \
-                stack_targets(targets)
-        return items, stack_targets(targets)
+            return self.pipeline.augment([it.data for it in items], items, indices, self.augment_epoch), targets, \
+                failures
+        return items, targets, failures
+
+    def _load(self, part, local, record) -> tuple[_Item, torch.Tensor]:
+        target = self.pipeline.target(record)
+        if record.path is None:  # generated (synthetic): the data set draws it
+            return _Item(part.image(local), False, None, None), target
+        data = part.encoded(local)
+        header = parse_header(data)
+        # the GPU decoder reads plain JPEGs as decode() does, but applies no EXIF orientation
+        if self.gpu_jpeg and header is not None and header.format == "jpeg" and header.plain and \
+                header.orientation == 1 and (part.max_image_pixels is None or header.pixels <= part.max_image_pixels):
+            return _Item(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, record.box, record.path), target
+        return _Item(decode(data, record.path, part.max_image_pixels), False, record.box, record.path), target
 
 
 class TorchPipeline(Pipeline):
@@ -66,13 +80,32 @@ class TorchPipeline(Pipeline):
         # On the CPU the workers augment too. One thread each: beside the other busy processes, two OpenMP
         # threads made its small per-image ops 50x slower (measured: 1.4 s against 27 ms for 16 images).
         fetch = _Fetch(self, gpu_jpeg=gpu, augment_epoch=None if gpu else self.epoch)
+        workers = self.num_workers > 0
         loader = DataLoader(batches, batch_size=None, collate_fn=fetch, num_workers=self.num_workers, pin_memory=gpu,
-                            prefetch_factor=4 if self.num_workers else None)
-        for indices, (batch, targets) in zip(batches, loader):
+                            prefetch_factor=4 if workers else None, timeout=self.timeout if workers else 0,
+                            worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None)
+        with starting_workers():
+            iterator = iter(loader)
+        for indices in batches:
+            start = time.monotonic()
+            try:
+                batch, targets, failures = next(iterator)
+            except RuntimeError as err:  # a timeout, a worker's death, or an error in a worker (re-raised)
+                processes = getattr(iterator, "_workers", [])  # DataLoader's worker processes (not public)
+                failure = worker_failure("PyTorch", processes, time.monotonic() - start, self.timeout) \
+                    if workers else None
+                if failure is None:
+                    raise
+                for process in processes:  # a stopped worker cannot exit: the interpreter would wait for it
+                    if process.exitcode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(process.pid, signal.SIGCONT)
+                raise failure from err
+            self.note(failures, complete=batch is not None)
             if gpu:
-                batch = self.augment(self._decode(batch), batch, indices, self.epoch)
+                batch = self.augment(self._decode(batch, indices, targets), batch, indices, self.epoch)
             self.position += 1
-            yield batch, targets.to(self.device, non_blocking=True)
+            yield batch, stack_targets(targets).to(self.device, non_blocking=True)
         self.epoch, self.position = self.epoch + 1, 0
 
     def augment(self, images: list[torch.Tensor], items: list[_Item], indices, epoch: int) -> torch.Tensor:
@@ -83,18 +116,38 @@ class TorchPipeline(Pipeline):
                             full_boxes(sizes))
         return apply(images, self.params(boxes, indices, epoch), self.out_dtype, self.channels_last)
 
-    def _decode(self, items: list[_Item]) -> list[torch.Tensor]:
+    def _decode(self, items: list[_Item], indices, targets: list[torch.Tensor]) -> list[torch.Tensor]:
         images = [None] * len(items)
         jpegs = [k for k, it in enumerate(items) if it.encoded]
         if jpegs:
             try:
                 decoded = decode_jpeg([items[k].data for k in jpegs], mode=ImageReadMode.UNCHANGED, device=self.device)
-            except RuntimeError as err:
-                paths = [items[k].path for k in jpegs]
-                raise DataError(f"cannot decode one of {paths} on {self.device} ({err})") from err
+            except RuntimeError:
+                # the GPU decoder refuses the batch: decode each on the CPU to find the file, which is then
+                # replaced or raises as in the workers
+                decoded = [self._cpu_decode(items, targets, k, int(indices[k])) for k in jpegs]
             for k, image in zip(jpegs, decoded):
                 images[k] = image
         for k, it in enumerate(items):
             if not it.encoded:
                 images[k] = it.data.to(self.device, non_blocking=True)
         return images
+
+    def _cpu_decode(self, items: list[_Item], targets: list[torch.Tensor], k: int, index: int) -> torch.Tensor:
+        """Item k (sample `index`) decoded on the CPU, or the sample that stands in for it (replacing its
+        item and target)."""
+        item = items[k]
+        try:
+            return decode(item.data, item.path, self.sample(index)[0].max_image_pixels).to(self.device)
+        except ImageError as err:
+            failure = index, err.reason, str(err)
+        self.note([failure])  # raises, or counts it and the next sample that reads stands in
+        self._failed[index] = failure
+        loaded, failures = self.read(index, _Fetch(self, gpu_jpeg=False)._load)
+        self.note(failures, complete=loaded is not None)
+        items[k], targets[k] = loaded
+        return loaded[0].data.to(self.device)
+
+
+def _worker_init(main: int, worker_id: int) -> None:
+    shield_worker(main)

@@ -12,7 +12,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from fer_train.data import CombinedDataset, DataError, class_weights, mixed_split, open_dataset
 from fer_train.data.readers.ferplus import ferplus_target
-from helpers import FERPLUS_ROWS, ferplus_line, jpeg, make_ferplus, make_rafdb, pattern, png, write
+from helpers import FERPLUS_ROWS, corrupt_jpeg_body, ferplus_line, jpeg, make_ferplus, make_rafdb, pattern, png, write
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -240,6 +240,17 @@ def test_bad_image_raises_or_is_skipped(tmp_path, kind):
     assert f"{reason} 1" in dataset.report()
 
 
+def test_ferplus_duplicate_row_is_counted_and_the_first_kept(tmp_path):
+    lines = [ferplus_line("a.png", FERPLUS_ROWS[1][1]), ferplus_line("b.png", FERPLUS_ROWS[2][1]),
+             ferplus_line("a.png", FERPLUS_ROWS[3][1]),  # a again, with other votes: the first row decides
+             ferplus_line("b.png", FERPLUS_ROWS[2][1])]
+    make_ferplus(tmp_path, lines)
+    for on_error in ("raise", "skip"):  # set by the set's own rule, not bad input: counted in both modes
+        dataset = open_dataset("ferplus", tmp_path, "train", on_error=on_error)
+        assert [(Path(r.path).name, r.label) for r in dataset.records] == [("a.png", 1), ("b.png", 2)]
+        assert dataset.skipped == Counter({"duplicate row": 2}) and "duplicate row 2" in dataset.report()
+
+
 def test_missing_image_ferplus(tmp_path):
     make_ferplus(tmp_path, [ferplus_line("a.png", (9,) + (0,) * 9), ferplus_line("gone.png", (9,) + (0,) * 9)])
     (tmp_path / "FER2013Train" / "gone.png").unlink()
@@ -253,11 +264,10 @@ def test_decode_failure_after_opening(tmp_path):
     next sample in its place (counted once) in skip mode."""
     make_rafdb(tmp_path, ["train_00001.jpg 1", "train_00002.jpg 4", "train_00003.jpg 7"])
     broken = tmp_path / "Image" / "aligned" / "train_00002_aligned.jpg"
-    data = bytearray(broken.read_bytes())
-    data[3:60] = b"A" * 57  # the JPEG signature and end marker stay, the headers are gone
-    broken.write_bytes(bytes(data))
+    broken.write_bytes(corrupt_jpeg_body(broken.read_bytes()))  # header and end marker intact
     strict = open_dataset("rafdb", tmp_path, "train")
-    with pytest.raises(DataError, match=r"train_00002_aligned\.jpg: cannot decode the image"):
+    with pytest.raises(DataError, match=r"train_00002_aligned\.jpg: cannot decode the image \(.*\); restore the "
+                                        r"file, or open the set with on_error='skip'"):
         strict[1]
     lenient = open_dataset("rafdb", tmp_path, "train", on_error="skip")
     for _ in range(2):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fer_train.config import ON_ERROR
 from fer_train.data.base import ALL_CLASSES, FERDataset
+from fer_train.data.images import MAX_IMAGE_PIXELS
 from fer_train.errors import DataError
 from fer_train.data.readers import affectnet, facial_expressions, ferplus, rafdb, synthetic
 from fer_train.data.readers.common import Issues
@@ -25,7 +26,7 @@ READERS = {"affectnet": affectnet, "ferplus": ferplus, "rafdb": rafdb, "facial_e
 
 
 def open_dataset(name: str, root: str | os.PathLike | None, split: str, *, on_error: str = "raise",
-                 **options) -> FERDataset:
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS, **options) -> FERDataset:
     """One split of a data set, read from its on-disk layout (docs/method.md section 7).
 
     name: "affectnet" (splits train, val), "ferplus" (train, valid, test; option label_mode "majority",
@@ -33,7 +34,9 @@ def open_dataset(name: str, root: str | os.PathLike | None, split: str, *, on_er
     val, test; drawn, root None; options size, length, seed: fer_train.data.readers.synthetic).
     on_error: "raise" (DataError at the first bad item) or "skip" (leave bad items out, counted in
     `skipped` and shown by report()). A missing folder or list file, a missing column and an empty
-    result raise in either mode.
+    result raise in either mode. max_image_pixels: images larger than this by their header are bad input
+    (counted as "image too large"), here and when they are read later (data.max_image_pixels); None: no
+    limit. The drawn synthetic faces are small and take no limit.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"open_dataset: on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -52,14 +55,17 @@ def open_dataset(name: str, root: str | os.PathLike | None, split: str, *, on_er
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{name}: root {root} is not a folder; expected {reader.EXPECTS}")
-    issues = Issues(on_error)
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ValueError(f"open_dataset: max_image_pixels must be positive or None, got {max_image_pixels!r}")
+    issues = Issues(on_error, max_image_pixels)
     records = reader.read(root, split, issues, **options)
     if not records:
         why = ", ".join(f"{reason} {n}" for reason, n in sorted(issues.skipped.items())) or "the list has no rows"
         raise DataError(f"{name} {split} under {root}: no images left (left out: {why}); check the list file "
                         f"and the options{' (label_mode)' if name == 'ferplus' else ''}")
     return FERDataset(name, split, records, root=root, skipped=issues.skipped,
-                      present_classes=getattr(reader, "PRESENT_CLASSES", ALL_CLASSES), on_error=on_error)
+                      present_classes=getattr(reader, "PRESENT_CLASSES", ALL_CLASSES), on_error=on_error,
+                      max_image_pixels=max_image_pixels)
 
 
 def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:

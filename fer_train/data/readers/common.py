@@ -9,17 +9,17 @@ from pathlib import Path
 
 from fer_train.data.base import SKIP_HINT
 from fer_train.errors import DataError
-from fer_train.data.images import image_problem, image_size
+from fer_train.data.images import MAX_IMAGE_PIXELS, Header, check_file
 
 __all__ = ["Issues", "checked", "checked_box", "columns", "csv_rows", "need", "table_rows"]
 
 
 class Issues:
     """Where a reader sends what it leaves out: bad input raises or is counted (on_error), items left
-    out by the set's own rules are always counted."""
+    out by the set's own rules are always counted. max_pixels: the largest image accepted, by its header."""
 
-    def __init__(self, on_error: str):
-        self.on_error, self.skipped = on_error, Counter()
+    def __init__(self, on_error: str, max_pixels: int | None = MAX_IMAGE_PIXELS):
+        self.on_error, self.max_pixels, self.skipped = on_error, max_pixels, Counter()
 
     def bad(self, reason: str, message: str) -> None:
         if self.on_error == "raise":
@@ -76,26 +76,27 @@ def columns(path: Path, header: list[str], needed: tuple[str, ...]) -> dict[str,
     return {c: header.index(c) for c in needed}
 
 
-def checked(path: Path, where: str, issues: Issues) -> bool:
-    """Whether the image looks whole; if not, reports it (where: the list file and line naming it)."""
-    problem = image_problem(path)
+def checked(path: Path, where: str, issues: Issues) -> Header | None:
+    """The image's header if it looks whole and is not too large; if not, None, reported (where: the list
+    file and line naming it)."""
+    header, problem = check_file(path, issues.max_pixels)
     if problem is not None:
         reason, what = problem
-        issues.bad(reason, f"{where}: image {path} {what}; restore the file")
-    return problem is None
+        fix = "replace the file or raise data.max_image_pixels" if reason == "image too large" else "restore the file"
+        issues.bad(reason, f"{where}: image {path} {what}; {fix}")
+        return None
+    return header
 
 
 def checked_box(path: Path, box: tuple[int, int, int, int], where: str,
                  issues: Issues) -> tuple[int, int, int, int] | None:
     """The face box (left, top, right, bottom) clipped to the image; None (reported) if the image does
-    not look whole or nothing of the box is inside it."""
-    if not checked(path, where, issues):
+    not look whole or nothing of the box is inside it. The box is in the upright image's pixels (after its
+    EXIF orientation), as every decoder here gives it."""
+    header = checked(path, where, issues)
+    if header is None:
         return None
-    size = image_size(path)
-    if size is None:
-        issues.bad("corrupt image", f"{where}: image {path} has an unreadable header; restore the file")
-        return None
-    height, width = size
+    height, width = header.height, header.width
     left, top, right, bottom = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
     if right <= left or bottom <= top:
         issues.bad("face box outside the image",

@@ -1,5 +1,6 @@
 """FERPlus (docs/method.md section 7): folders FER2013Train, FER2013Valid and FER2013Test of 48 x 48 grey PNGs,
-each with a headerless label.csv of 10 vote counts per image, turned into labels by one of three rules."""
+each with a headerless label.csv of 10 vote counts per image, turned into labels by one of three rules. A row
+naming an image that an earlier row named is counted ("duplicate row") and left out: the first row decides."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def read(root: Path, split: str, issues: Issues, label_mode: str = "majority") -
                          f"got {label_mode!r}")
     folder = need(root / FOLDERS[split], f"the {split} split's folder", "ferplus", EXPECTS)
     listing = need(folder / "label.csv", "the label list", "ferplus", EXPECTS)
-    records = []
+    records, seen = [], set()
     for line, row in csv_rows(listing):
         where = f"{listing} line {line}"
         if len(row) != _FIELDS:
@@ -61,6 +62,10 @@ def read(root: Path, split: str, issues: Issues, label_mode: str = "majority") -
                                         f"box, 10 vote counts), found {len(row)}; fix the row")
             continue
         name, box_text, vote_text = row[0], row[1], row[2:]
+        if name in seen:  # the first row of an image decides, as in facial_expressions; the image is read once
+            issues.drop("duplicate row")
+            continue
+        seen.add(name)
         box_match = _BOX.fullmatch(box_text)
         if box_match is None:
             issues.bad("malformed row", f"{where}: face box {box_text!r} is not \"(x, y, w, h)\"; fix the row")
