@@ -17,6 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -25,11 +26,17 @@ from fer_train.errors import ConfigError
 TRAINING_FORMAT = "fer_train.checkpoint/1"
 MODEL_FORMAT = "fer_train.model/1"
 
-__all__ = ["LoadedModel", "MODEL_FORMAT", "TRAINING_FORMAT", "load", "load_model", "model_file", "save_atomic"]
+__all__ = ["LoadedModel", "MODEL_FORMAT", "TRAINING_FORMAT", "load", "load_model", "model_file", "save_atomic",
+           "write_atomic"]
 
 
 def save_atomic(state: dict, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (atomic on POSIX
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (write_atomic)."""
+    return write_atomic(path, lambda file: torch.save(state, file))
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """write(file) into a temporary file in the same folder, fsync, then rename over `path` (atomic on POSIX
     and Windows): a crash or a kill mid-write leaves the previous file intact. The file gets the
     permissions of any other file the process creates there (umask), not mkstemp's private 0600."""
     path = Path(path)
@@ -37,7 +44,7 @@ def save_atomic(state: dict, path: str | os.PathLike) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o666 & ~_umask())

@@ -1,4 +1,4 @@
-"""`python -m fer_train [train | evaluate | predict | presets | selfcheck] ...`; no subcommand: train the
+"""`python -m fer_train [train | evaluate | predict | export | presets | selfcheck] ...`; no subcommand: train the
 default preset (ResNet-18 + Mish + ABP on the built-in synthetic faces) and report its test results."""
 
 from __future__ import annotations
@@ -68,12 +68,14 @@ def _parser() -> argparse.ArgumentParser:
                           help="also report each split with horizontal-flip test-time augmentation (the mean of the "
                                "two passes' probabilities)")
 
-    predict = commands.add_parser("predict", help="classify images: classes and probabilities as JSON or CSV")
-    predict.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt, else last.pt)")
-    predict.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    predict.add_argument("--output", "-o", default="-", help="a .json or .csv file; - for JSON on stdout")
-    predict.add_argument("--device", default="auto")
-    predict.add_argument("--batch-size", type=int, default=64)
+    _predict_parser(commands)
+    export = commands.add_parser("export", help="write a model as ONNX (standard operators, metadata for predict)",
+                                 description="Write a run's model as an ONNX file: the unfused model (standard "
+                                             "operators), outputs logits and calibrated probabilities, the class "
+                                             "names, input transform and temperature in its metadata; checked "
+                                             "against PyTorch in onnxruntime.")
+    export.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt, else last.pt)")
+    export.add_argument("--output", "-o", required=True, metavar="FILE.onnx")
 
     commands.add_parser("presets", help="list the presets (the paper's runs)")
     commands.add_parser("selfcheck", help="check this installation: kernels against the reference, a short training")
@@ -177,20 +179,81 @@ def evaluate(args) -> int:
     return 0
 
 
-def predict(args) -> int:
-    from fer_train import checkpoint
-    from fer_train.distributed import select_device
-    from fer_train.predict import collect_images, predict as run_prediction, write_predictions
+def _predict_parser(commands) -> None:
+    from fer_train.inference import DETECTORS, MAX_SIDE
 
-    device = select_device(args.device)
-    loaded = checkpoint.load_model(_checkpoint_path(args.checkpoint), device)
-    model, config = loaded.model, loaded.config
-    paths = collect_images(args.inputs)
-    rows = run_prediction(model, paths, image_size=config.data.image_size, device=device, batch_size=args.batch_size,
-                          channels_last=config.train.channels_last)
-    write_predictions(rows, args.output)
-    if args.output != "-":
-        print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
+    predict = commands.add_parser(
+        "predict", help="find the faces in images and videos and classify their expressions",
+        description="Find every face in images and videos (a detector), classify each (the model, calibrated "
+                    "probabilities) and write one row per face; videos: faces tracked across frames, smoothed over "
+                    "time. docs/inference.md describes the choices and the outputs.")
+    predict.add_argument("checkpoint", help="a .pt file, a run folder (its best.pt, else last.pt) or an exported .onnx")
+    predict.add_argument("inputs", nargs="+", help="image and video files, or folders (searched recursively)")
+    predict.add_argument("--output", "-o", default="-", help="a .csv, .json or .jsonl file; - for JSON on stdout")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--batch-size", type=int, default=64, help="images (video frames) per detector pass and "
+                                                                    "faces per classifier pass (default: 64)")
+    predict.add_argument("--whole-image", action="store_true",
+                         help="each image is one face, already cropped (no detection)")
+    predict.add_argument("--detector", default="centerface", choices=DETECTORS, help="(default: centerface)")
+    predict.add_argument("--threshold", type=float, help="detector confidence threshold (default: the detector's, "
+                                                         "0.3 for centerface)")
+    predict.add_argument("--detect-size", type=int, default=MAX_SIDE, metavar="PIXELS",
+                         help=f"longest side the detector sees; larger images are shrunk for detection only "
+                              f"(default: {MAX_SIDE}; smaller is faster, larger finds smaller faces)")
+    predict.add_argument("--margin", type=float, help="crop margin around the detected box (default: the measured one)")
+    predict.add_argument("--no-align", action="store_true", help="do not turn faces to level the eyes")
+    predict.add_argument("--annotate", metavar="DIR", help="write copies with boxes and labels drawn: STEM.jpg, STEM.mp4")
+    predict.add_argument("--report", metavar="DIR", help="per video: a timeline PNG per face (STEM.track-ID.png) and "
+                                                        "a summary of its expressions (STEM.summary.md, .json)")
+    predict.add_argument("--every", type=int, default=1, metavar="N", help="videos: process every Nth frame")
+    predict.add_argument("--smooth", type=float, default=0.5, metavar="SECONDS",
+                         help="videos: time constant of each face's probability smoothing (0: none; default 0.5)")
+    predict.add_argument("--strict", action="store_true", help="stop at the first file that cannot be read "
+                                                               "(default: report it and go on)")
+
+
+def predict(args) -> int:
+    from pathlib import Path
+
+    from fer_train.inference import FaceExpressionRecognizer
+    from fer_train.inference.outputs import check_folder, check_output
+    from fer_train.inference.predict import Options, collect_inputs, predict_files, summary_line
+
+    # every setting is checked before the model loads
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--every", args.every, 1),
+                             ("--detect-size", args.detect_size, 32)):
+        if value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    if not args.smooth >= 0:
+        raise ConfigError(f"--smooth {args.smooth}: must be 0 (no smoothing) or a positive number of seconds")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise ConfigError(f"--threshold {args.threshold}: must be between 0 and 1")
+    check_output(args.output)
+    for flag in ("annotate", "report"):
+        if getattr(args, flag):
+            check_folder(getattr(args, flag), f"--{flag} {getattr(args, flag)}")
+    images, videos = collect_inputs(args.inputs)
+    recognizer = FaceExpressionRecognizer(args.checkpoint, detector=args.detector, device=args.device,
+                                          threshold=args.threshold, margin=args.margin, align=not args.no_align,
+                                          batch_size=args.batch_size, detect_size=args.detect_size)
+    options = Options(output=args.output, whole_image=args.whole_image, strict=args.strict, every=args.every,
+                      smooth=args.smooth, batch_size=args.batch_size,
+                      annotate=Path(args.annotate) if args.annotate else None,
+                      report=Path(args.report) if args.report else None)
+    counts = predict_files(recognizer, images, videos, options)
+    print(summary_line(counts, args.output), file=sys.stderr)
+    return 0
+
+
+def export(args) -> int:
+    from fer_train import checkpoint
+    from fer_train.export import export_onnx
+
+    loaded = checkpoint.load_model(_checkpoint_path(args.checkpoint), "cpu")
+    path, difference = export_onnx(loaded, args.output)
+    print(f"{path}: {len(loaded.classes)} classes, input {loaded.input_transform['size']} px; onnxruntime vs PyTorch: "
+          f"max probability difference {difference:.2g}", file=sys.stderr)
     return 0
 
 
@@ -218,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.command == "predict":
             return predict(args)
+        if args.command == "export":
+            return export(args)
         return presets()
     except (ConfigError, DataError) as err:
         # bad settings, paths and data: one line naming what is wrong; anything else is a bug and keeps its

@@ -144,7 +144,7 @@ def test_predict_command(tmp_path, capsys):
     folder.mkdir()
     for k in range(3):
         (folder / f"face{k}.png").write_bytes(encode_png(draw_face(k, torch.Generator().manual_seed(k), 40)).numpy())
-    assert main(["predict", str(run), str(folder), "-o", str(tmp_path / "p.json")]) == 0
+    assert main(["predict", str(run), str(folder), "--whole-image", "-o", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())
     assert [Path(r["path"]).name for r in rows] == ["face0.png", "face1.png", "face2.png"]
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)

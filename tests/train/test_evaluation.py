@@ -1,12 +1,10 @@
-"""fer_train.evaluation and fer_train.predict: confusion counts, accuracy and loss against hand-computed
-values, the same global result under 2 gloo ranks, the CSV / PNG / Markdown outputs, and prediction on
-image files of every kind the loaders read."""
+"""fer_train.evaluation: confusion counts, accuracy and loss against hand-computed values, the same global
+result under 2 gloo ranks, the CSV / PNG / Markdown outputs (prediction on files: test_inference.py)."""
 
 import csv
 import json
 import math
 import os
-import re
 import sys
 
 import pytest
@@ -14,13 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torchvision.io import decode_png, encode_jpeg, encode_png
+from torchvision.io import decode_png
 
-from fer_kernels.reference import IMAGENET_MEAN, IMAGENET_STD
-from fer_train.data import CLASSES, DataError, build_loader, open_dataset
+from fer_train.data import CLASSES, build_loader, open_dataset
 from fer_train.evaluation import EvalResult, confusion_matrix, evaluate
 from fer_train.reports import summary_table, write_confusion
-from fer_train.predict import collect_images, predict, write_predictions
 from helpers import read_confusion
 
 BIAS = torch.tensor([0.0, 0.5, -1.0, 2.0, 0.25, -0.5, 1.0, 0.0])  # argmax: class 3
@@ -214,82 +210,6 @@ def test_macro_f1_and_recall_by_hand():
     torch.testing.assert_close(result.per_class_accuracy[:3], torch.tensor([0.75, 1.0, 0.0], dtype=torch.float64))
     with_temperature = EvalResult("hand", confusion, 0.0, ece=0.2, temperature=1.5, ece_calibrated=0.05)
     assert "5.00 (T=1.50)" in summary_table([with_temperature])
-
-
-# Uniform images of these grey levels: after the evaluation transform channel 0 is a constant, and
-# Levels() maps each level to its own class.
-LEVELS = [16 + 32 * k for k in range(8)]
-
-
-class Levels(nn.Module):
-    def forward(self, images):
-        centres = torch.tensor([(v / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0] for v in LEVELS])
-        return -20 * (images[:, 0].mean((1, 2))[:, None] - centres) ** 2
-
-
-def test_predict_png_jpeg_and_grey(tmp_path):
-    paths = []
-    for k, level in enumerate(LEVELS):
-        channels = 1 if k % 3 == 2 else 3  # grey files among the colour ones
-        image = torch.full((channels, 40 + 3 * k, 50), level, dtype=torch.uint8)
-        if k % 2:
-            path = tmp_path / f"face{k}.jpg"
-            path.write_bytes(encode_jpeg(image, quality=95).numpy().tobytes())
-        else:
-            path = tmp_path / f"face{k}.png"
-            path.write_bytes(encode_png(image).numpy().tobytes())
-        paths.append(path)
-    rows = predict(Levels(), paths, image_size=32, batch_size=3)
-    assert [r["path"] for r in rows] == [str(p) for p in paths]
-    for k, row in enumerate(rows):
-        probabilities = row["probabilities"]
-        assert list(probabilities) == list(CLASSES)
-        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-6)
-        assert row["class"] == max(probabilities, key=probabilities.get) == CLASSES[k]
-
-
-def test_predict_names_a_file_it_cannot_decode(tmp_path):
-    good = tmp_path / "good.png"
-    good.write_bytes(encode_png(torch.zeros(3, 8, 8, dtype=torch.uint8)).numpy().tobytes())
-    bad, empty = tmp_path / "bad.jpg", tmp_path / "empty.png"
-    bad.write_bytes(b"not an image at all")
-    empty.write_bytes(b"")
-    for broken in (bad, empty):
-        with pytest.raises(DataError, match=re.escape(str(broken))):
-            predict(Levels(), [good, broken], image_size=32)
-
-
-def test_collect_images(tmp_path):
-    (tmp_path / "set" / "sub").mkdir(parents=True)
-    for name in ("set/b.png", "set/a.JPG", "set/sub/c.webp", "set/notes.txt", "loose.png"):
-        (tmp_path / name).write_bytes(b"x")
-    found = collect_images([tmp_path / "loose.png", tmp_path / "set", str(tmp_path / "set" / "b.png")])
-    assert found == [tmp_path / "loose.png", tmp_path / "set" / "a.JPG", tmp_path / "set" / "b.png",
-                     tmp_path / "set" / "sub" / "c.webp"]
-    with pytest.raises(DataError, match="missing.png"):
-        collect_images([tmp_path / "missing.png"])
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "readme.txt").write_text("no faces")
-    with pytest.raises(DataError, match="empty.*no image"):
-        collect_images([tmp_path / "empty"])
-
-
-def test_write_predictions_round_trip(tmp_path, capsys):
-    rows = [{"path": f"faces/{k}.png", "class": CLASSES[k],
-             "probabilities": dict(zip(CLASSES, torch.randn(8, generator=torch.Generator().manual_seed(k))
-                                       .softmax(0).tolist()))} for k in range(3)]
-    write_predictions(rows, tmp_path / "out.json")
-    assert json.loads((tmp_path / "out.json").read_text()) == rows
-    write_predictions(rows, tmp_path / "out.csv")
-    with open(tmp_path / "out.csv", newline="") as f:
-        read = list(csv.DictReader(f))
-    assert list(read[0]) == ["path", "class", *CLASSES]
-    assert [{"path": r["path"], "class": r["class"], "probabilities": {c: float(r[c]) for c in CLASSES}}
-            for r in read] == rows
-    write_predictions(rows, "-")
-    assert json.loads(capsys.readouterr().out) == rows
-    with pytest.raises(ValueError, match="json or .csv"):
-        write_predictions(rows, tmp_path / "out.txt")
 
 
 # --------------------------------------------------------------------------------------------------- calibration
