@@ -4,8 +4,10 @@ The number of steps is worked out once, early: after a few steps the engine know
 and an evaluation pass cost on this machine, and sets the run's length so that the training steps, the
 evaluations every eval_every steps and the final evaluation (calibration, every test split, flip
 test-time augmentation) end before the budget does; the learning-rate schedule then follows that length
-as if it had been given in steps. While the run goes on, it stops training early (and still evaluates
-and writes its reports) if the machine turns out slower than measured.
+as if it had been given in steps. While the learning rate is still flat the length is set again from the
+median of the recent steps (the first steps are slower than the run's), which changes no rate already
+used; afterwards the run stops training early (and still evaluates and writes its reports) if the machine
+turns out slower than measured.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "MEASURE_STEPS", "REPLAN_WINDOW"]
 
 MEASURE_STEPS = 20  # training steps timed before the run's length is set (after the first, which warms up)
+REPLAN_WINDOW = 200  # the recent steps whose median step time sets the length again while the rate is flat
 SAFETY = 0.95  # of the budget planned for; the rest absorbs noise in the measurements
 FINAL_FIXED_S = 20.0  # writing reports and the model card, building loaders: measured 5-15 s at 48 px
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fer_train import checkpoint
-from fer_train.budget import MEASURE_STEPS, Budget
+from fer_train.budget import MEASURE_STEPS, REPLAN_WINDOW, Budget
 from fer_train.config import RunConfig, installed, parse_duration
 from fer_train.data import CLASSES, MixedTargets, build_loader, class_weights
 from fer_train.distributed import init_distributed, select_device
@@ -46,7 +46,7 @@ from fer_train.recipe.fmix import FMix, fmix_loss
 from fer_train.recipe.schedule import lr_factor
 from fer_train.reports import evaluate_and_report
 from fer_train.run_data import open_run_data
-from fer_train.runlog import RunLog
+from fer_train.runlog import RunLog, describe
 
 __all__ = ["NonFiniteLoss", "Trainer"]
 
@@ -262,12 +262,13 @@ class Trainer:
         """Trains to train.steps (or stop_after steps of this session, or a signal); returns
         {"stopped": None or the reason, "step": ..., "results": final test EvalResults, "best": ...}."""
         t = self.config.train
-        self.log.message(self.describe())
+        self.log.message(describe(self))
         restore_signals = self._handle_signals() if self._is_main_thread() else (lambda: None)
         batches, stopped = self._batches(), None
         session_start, window_start, window_steps = self.step, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
         budget = Budget(parse_duration(t.time_budget), time.perf_counter()) if t.time_budget else None
+        self._upper_steps = t.steps  # a time budget sets the length, at most this
         step_seconds = []
         try:
             while self.step < t.steps:
@@ -313,50 +314,46 @@ class Trainer:
 
     def _follow_budget(self, budget: Budget, step_seconds: list, session_start: int) -> bool:
         """Sets the run's length once a step and an evaluation pass have been timed (returns True then: the
-        evaluation it ran is not training time), and ends training early when time runs short."""
-        t = self.config.train
+        evaluation it ran is not training time), sets it again from the recent steps while the learning rate
+        is still flat (the first steps are slower than the run's: caches, the allocator, the input workers
+        filling their queues), and ends training early when time runs short."""
+        t, o = self.config.train, self.config.optim
         if budget.step_seconds is None:
             if len(step_seconds) <= MEASURE_STEPS:  # the first step warms caches up and is not counted
                 return False
             started = time.perf_counter()
             self._validate()
-            eval_seconds = time.perf_counter() - started
-            per_image = eval_seconds / max(sum(len(d) for d in self.data.validation.values()), 1)
-            passes = (len(self.data.selection[1]) if self.data.selection else 0) + \
-                sum(len(d) for d in self.data.test.values()) * (2 if t.tta_report else 1)
-            measured = sorted(step_seconds[1:])[len(step_seconds[1:]) // 2]
-            total = budget.plan(self.step, measured, eval_seconds, t.eval_every, per_image * passes, t.steps)
-            # the cosine part of the schedule ends at the planned last step
-            self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
-                             f"evaluation: {total} steps (was {t.steps})")
-            t.steps = total
+            self._budget_eval = (time.perf_counter() - started, self._final_evaluation_seconds(
+                (time.perf_counter() - started) / max(sum(len(d) for d in self.data.validation.values()), 1)))
+            self._set_length(budget, step_seconds[1:], f"(was {t.steps})")
             return True
+        flat_until = {"flat_cosine": int(t.steps * o.flat_fraction), "cosine": 0}.get(o.schedule, t.steps)
+        if self.step % t.log_every == 0 and self.step < flat_until:  # a new length changes no rate used so far
+            self._set_length(budget, step_seconds[-REPLAN_WINDOW:], "(set again from the recent steps)")
         if budget.exhausted() and self.step < t.steps:
             self.log.message(f"time budget {t.time_budget}: ending training at step {self.step} of {t.steps} to "
                              "leave time for the final evaluation")
-            t.steps = self.step
+            t.steps = self.log.total = self.step
         return False
+
+    def _final_evaluation_seconds(self, per_image: float) -> float:
+        passes = (len(self.data.selection[1]) if self.data.selection else 0) + \
+            sum(len(d) for d in self.data.test.values()) * (2 if self.config.train.tta_report else 1)
+        return per_image * passes
+
+    def _set_length(self, budget: Budget, recent: list, why: str) -> None:
+        t = self.config.train
+        measured = sorted(recent)[len(recent) // 2]
+        eval_seconds, final_seconds = self._budget_eval
+        total = budget.plan(self.step, measured, eval_seconds, t.eval_every, final_seconds, self._upper_steps)
+        if abs(total - t.steps) > 0.01 * t.steps:  # said when it matters, not at every small change
+            self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
+                             f"evaluation: {total} steps {why}")
+        t.steps = self.log.total = total  # the cosine part of the schedule ends at the planned last step
 
     @staticmethod
     def _is_main_thread() -> bool:
         return threading.current_thread() is threading.main_thread()
-
-    def describe(self) -> str:
-        c, d = self.config, self.data
-        sets = "\n".join("  " + line for line in d.train.report().splitlines())
-        return (f"run {self.run_dir} (preset {c.preset}) on {self.device}"
-                f"{f' x {self.dist.world} processes' if self.dist.world > 1 else ''}\n"
-                f"model {c.model.arch} act={c.model.act} booster={c.model.booster} stem={c.model.stem} "
-                f"fused={c.model.fused}; optimizer {c.optim.name} lr {c.optim.lr}; {c.train.steps} steps of "
-                f"{c.train.batch_size} ({self.micro_batch} x {self.accumulation} accumulation x {self.dist.world} "
-                f"processes){f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
-                f"{self.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {self.loader.backend}; "
-                f"{c.data.image_size} px; freed memory {'kept' if self.keeps_freed_memory else 'returned'}\n"
-                f"training data:\n{sets}\nclass weights ({c.data.class_weights}): "
-                f"{[round(w, 4) for w in self.weights.tolist()]}\n"
-                f"evaluation: {', '.join(self.data.validation) or 'none'}; best model by "
-                f"{self.data.selection[0] if self.data.selection else 'none (the last is kept)'}"
-                + "".join(f"\nnot on disk, so not evaluated: {missing}" for missing in self.data.missing))
 
     # --- evaluation ----------------------------------------------------------------------------------
 

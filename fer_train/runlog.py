@@ -109,3 +109,22 @@ class RunLog:
             self._metrics.close()
         if self._board is not None:
             self._board.close()
+
+
+def describe(trainer) -> str:
+    """The header a run prints: where it runs, the model, optimizer and recipe, the data and its evaluation."""
+    c = trainer.config
+    sets = "\n".join("  " + line for line in trainer.data.train.report().splitlines())
+    return (f"run {trainer.run_dir} (preset {c.preset}) on {trainer.device}"
+            f"{f' x {trainer.dist.world} processes' if trainer.dist.world > 1 else ''}\n"
+            f"model {c.model.arch} act={c.model.act} booster={c.model.booster} stem={c.model.stem} "
+            f"fused={c.model.fused}; optimizer {c.optim.name} lr {c.optim.lr}; {c.train.steps} steps of "
+            f"{c.train.batch_size} ({trainer.micro_batch} x {trainer.accumulation} accumulation x {trainer.dist.world} "
+            f"processes){f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
+            f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend}; "
+            f"{c.data.image_size} px; freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}\n"
+            f"training data:\n{sets}\nclass weights ({c.data.class_weights}): "
+            f"{[round(w, 4) for w in trainer.weights.tolist()]}\n"
+            f"evaluation: {', '.join(trainer.data.validation) or 'none'}; best model by "
+            f"{trainer.data.selection[0] if trainer.data.selection else 'none (the last is kept)'}"
+            + "".join(f"\nnot on disk, so not evaluated: {missing}" for missing in trainer.data.missing))

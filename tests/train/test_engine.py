@@ -292,6 +292,10 @@ def test_every_preset_builds_and_the_paper_presets_follow_the_spec():
     assert build_config("table3-ranger", check_paths=False).optim.gc is False
     assert build_config("table7-resnet50-mish-abp-affectnet", check_paths=False).data.class_weights == "eq4"
     assert build_config("table7-resnet18-ferplus", check_paths=False).data.class_weights == "none"
+    with pytest.raises(ConfigError, match="preset ferplus-cpu-1h trains on real data: give it with --ferplus"):
+        build_config("ferplus-cpu-1h")
+    hour = build_config("ferplus-cpu-1h", check_paths=False)
+    assert (hour.train.time_budget, hour.data.ferplus_label_mode, hour.data.image_size) == ("60m", "soft", 48)
 
 
 def test_learning_rate_is_flat_then_cosine():

@@ -43,6 +43,33 @@ def test_a_time_budget_stops_training_and_still_evaluates_and_writes_the_card(tm
     assert "synthetic test" in card and "time budget 40s" in card and (run / "summary.md").is_file()
 
 
+def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(tmp_path, monkeypatch, capsys):
+    """The first steps are slow (here: 1 s longer each, made so); the length they give is set again from the
+    recent steps at a later log step while the learning rate is flat, so the run uses its budget."""
+    from fer_train import engine
+
+    monkeypatch.setattr(engine, "MEASURE_STEPS", 3)
+    monkeypatch.setattr(engine, "REPLAN_WINDOW", 3)
+    monkeypatch.setattr(budget, "FINAL_FIXED_S", 2.0)
+    train_step = engine.Trainer._train_step
+
+    def slow_at_first(self, batches):
+        if self.step < 4:
+            time.sleep(1.0)
+        return train_step(self, batches)
+
+    monkeypatch.setattr(engine.Trainer, "_train_step", slow_at_first)
+    run = tmp_path / "run"
+    assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
+                 "--set", "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000"]) == 0
+    out = capsys.readouterr().out
+    first = int(out.split("steps (was 100000)")[0].rsplit(" ", 2)[-2])
+    again = [int(line.split(" steps (set again")[0].rsplit(" ", 1)[-1]) for line in out.splitlines()
+             if "(set again from the recent steps)" in line]
+    assert again and again[0] > first, out[-2000:]
+    assert checkpoint.load(run / "last.pt")["step"] > first
+
+
 def test_soft_label_loss_is_the_cross_entropy_on_the_distributions():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 8, generator=g, dtype=torch.float64)
