@@ -90,6 +90,16 @@ def predict_files(recognizer, images: list[Path], videos: list[Path], options: O
     return counts
 
 
+def _skip(path, err: DataError, counter: str, options, counts, writer) -> None:
+    """A file that cannot be read: with --strict the error stops the run (exit 2); else it is said, counted
+    and written as a row with its error."""
+    if options.strict:
+        raise err
+    print(f"skipped: {err}", file=sys.stderr)
+    counts[counter] += 1
+    writer.write(_empty_row(path, str(err)))
+
+
 def _image_batches(images, options, counts, writer):
     from fer_train.data.images import load
 
@@ -98,11 +108,7 @@ def _image_batches(images, options, counts, writer):
         try:
             image = load(path)
         except DataError as err:
-            if options.strict:
-                raise
-            print(f"skipped: {err}", file=sys.stderr)
-            counts["unreadable"] += 1
-            writer.write(_empty_row(path, str(err)))
+            _skip(path, err, "unreadable", options, counts, writer)
             continue
         if batch and (len(batch) == options.batch_size or pixels + image[0].numel() > _BATCH_PIXELS):
             yield batch
@@ -123,11 +129,7 @@ def _video(recognizer, path, name, options, counts, writer) -> None:
         result = process_video(recognizer, path, writer.write, every=options.every, batch=options.batch_size,
                                smooth=options.smooth, annotate=annotator, progress=options.progress)
     except DataError as err:
-        if options.strict:
-            raise
-        print(f"skipped: {err}", file=sys.stderr)
-        counts["video_errors"] += 1
-        writer.write(_empty_row(path, str(err)))
+        _skip(path, err, "video_errors", options, counts, writer)
         return
     finally:
         if annotator is not None:
