@@ -330,7 +330,9 @@ class Trainer:
         flat_until = {"flat_cosine": int(t.steps * o.flat_fraction), "cosine": 0}.get(o.schedule, t.steps)
         if self.step % t.log_every == 0 and self.step < flat_until:  # a new length changes no rate used so far
             self._set_length(budget, step_seconds[-REPLAN_WINDOW:], "(set again from the recent steps)")
-        if budget.exhausted() and self.step < t.steps:
+        # with several processes every rank must stop at the same step: rank 0 decides, at log steps
+        check = self.dist.world == 1 or self.step % t.log_every == 0
+        if check and self._from_rank0(budget.exhausted()) and self.step < t.steps:
             self.log.message(f"time budget {t.time_budget}: ending training at step {self.step} of {t.steps} to "
                              "leave time for the final evaluation")
             t.steps = self.log.total = self.step
@@ -345,11 +347,20 @@ class Trainer:
         t = self.config.train
         measured = sorted(recent)[len(recent) // 2]
         eval_seconds, final_seconds = self._budget_eval
-        total = budget.plan(self.step, measured, eval_seconds, t.eval_every, final_seconds, self._upper_steps)
+        total = self._from_rank0(budget.plan(self.step, measured, eval_seconds, t.eval_every, final_seconds,
+                                             self._upper_steps))  # ranks time their steps a little differently
         if abs(total - t.steps) > 0.01 * t.steps:  # said when it matters, not at every small change
             self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
                              f"evaluation: {total} steps {why}")
         t.steps = self.log.total = total  # the cosine part of the schedule ends at the planned last step
+
+    def _from_rank0(self, value):
+        """Rank 0's value on every rank (the value itself in a single process)."""
+        if self.dist.world == 1:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     @staticmethod
     def _is_main_thread() -> bool:
