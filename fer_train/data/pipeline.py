@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fer_train.config import DataConfig
 from fer_train.data.base import CLASSES, FERDataset, Record, unusable
 from fer_train.data.images import ImageError
 from fer_train.data.order import EpochOrder
@@ -56,7 +57,7 @@ class Pipeline:
 
     def __init__(self, dataset, batch_size: int, train: bool, device: torch.device, *, config=AugmentConfig(),
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 2, out_dtype=torch.float32,
-                 channels_last: bool = False, timeout: float = 300.0):
+                 channels_last: bool = False, timeout: float = DataConfig.timeout):
         if not timeout > 0:
             raise ValueError(f"the input pipeline's timeout must be a positive number of seconds, got {timeout!r}")
         self.dataset, self.batch_size, self.train, self.device = dataset, batch_size, train, device
