@@ -52,8 +52,12 @@ SETTINGS = {
     "torch-pipeline": ("the default with the PyTorch pipeline instead of DALI", ["data.backend=torch"]),
     "1-worker": ("the default with 1 data worker", ["data.workers=1"]),
     "1-thread": ("the default with 1 intra-op thread (OMP_NUM_THREADS=1)", []),
+    "onednn-weight-grad": ("the default with oneDNN's weight gradient on small maps too (FER_KERNELS_SMALL_MAP=0)",
+                           []),
     "cifar-stem": ("the default with the CIFAR stem (3x3/1, no pool: 16x the stages' work)", ["model.stem=cifar"]),
 }
+# settings made by the environment rather than the config
+SETTING_ENV = {"1-thread": {"OMP_NUM_THREADS": "1"}, "onednn-weight-grad": {"FER_KERNELS_SMALL_MAP": "0"}}
 ENGINE_ROWS = [(32, 48), (8, 224)]  # (batch, image size)
 
 
@@ -121,7 +125,7 @@ def run_setting(name: str, batch: int, size: int, steps: int, data: Path, out: P
                "--overwrite", "--set", f"train.log_every={log_every}", "--set", f"train.eval_every={10 * steps}",
                "--set", f"train.checkpoint_every={10 * steps}", "--set", "data.class_weights=none",
                "--set", "train.tta_report=false", *[f"--set={s}" for s in extra]]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if name == "1-thread" else str(common.CPU_THREADS))
+    env = {**os.environ, "OMP_NUM_THREADS": str(common.CPU_THREADS), **SETTING_ENV.get(name, {})}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError(f"{name}: the run failed:\n{result.stderr[-3000:]}")

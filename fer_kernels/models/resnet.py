@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from fer_kernels.nn.conv import Conv2d
 from fer_kernels.nn.layers import AccuracyBooster, Mish, Recalibrate
 from fer_kernels.reference import ACTIVATIONS
 
@@ -31,11 +32,11 @@ def _activation(act: str, fused: bool, backend: str | None) -> nn.Module:
 
 
 def _conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    return Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
 def _conv1x1(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+    return Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
 class _Block(nn.Module):
@@ -126,7 +127,7 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            self.conv1 = Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(64)
         self.act = _activation(act, fused, backend)

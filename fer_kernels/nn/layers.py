@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fer_kernels.nn.conv import Conv2d
 from fer_kernels.ops import mish, recalibrate
 from fer_kernels.reference import ACTIVATIONS
 
@@ -46,7 +47,7 @@ class AccuracyBooster(nn.Module):
         if variant not in ("plus", "depthwise"):
             raise ValueError(f"AccuracyBooster: variant must be 'plus' or 'depthwise', got {variant!r}")
         self.variant = variant
-        self.conv = nn.Conv2d(channels, channels, 1, groups=1 if variant == "plus" else channels, bias=False)
+        self.conv = Conv2d(channels, channels, 1, groups=1 if variant == "plus" else channels, bias=False)
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,179 @@
+"""fer_kernels.nn.Conv2d: the unfolded weight gradient for small maps against torch.nn.Conv2d's autograd."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fer_kernels.nn.conv as conv
+from fer_kernels.models import resnet18
+from fer_kernels.nn import Conv2d
+
+# (in channels, out channels, kernel, stride, padding, input H x W): stage 3-4 shapes of a ResNet at 48 px,
+# odd and non-square kernels, maps, strides and paddings, and the ABP gate's 1x1 on a 1 x 1 map
+SHAPES = [
+    (8, 8, 3, 1, 1, (2, 2)),
+    (6, 10, 3, 2, 1, (3, 3)),
+    (5, 7, 1, 1, 0, (1, 1)),
+    (4, 6, 1, 2, 0, (5, 3)),
+    (3, 5, (3, 5), (2, 1), (1, 2), (4, 3)),
+    (3, 4, 7, 2, 3, (7, 5)),
+    (2, 3, 3, 1, 0, (3, 4)),
+    (4, 4, 2, 2, 0, (6, 6)),
+]
+
+
+def _pair(layer_args, dtype, bias):
+    cin, cout, kernel, stride, padding, _ = layer_args
+    ours = Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias).to(dtype)
+    plain = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias).to(dtype)
+    plain.load_state_dict(ours.state_dict())
+    return ours, plain
+
+
+def _grads(layer, x, grad):
+    x = x.detach().requires_grad_()
+    out = layer(x)
+    out.backward(grad)
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    return out, grads
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    real = conv.conv2d_weight_grad
+    monkeypatch.setattr(conv, "conv2d_weight_grad", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-k{s[2]}-s{s[3]}-p{s[4]}-{s[5]}")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_equal_torch_conv2d_in_float64(shape, layout, bias, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    torch.manual_seed(0)
+    ours, plain = _pair(shape, torch.float64, bias)
+    x = torch.randn(3, shape[0], *shape[5], dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        ours, plain = ours.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(3, shape[0] * 2, *shape[5], dtype=torch.float64)[:, ::2]
+    grad = torch.randn_like(plain(x))
+    out, got = _grads(ours, x, grad)
+    ref_out, want = _grads(plain, x, grad)
+    assert calls, "the unfolded weight gradient was not used"
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    if layout == "channels_last" and ours.weight.shape[-1] > 1:
+        assert ours.weight.grad.stride() == ours.weight.stride(), "the gradient must have the weight's layout"
+
+
+def test_float32_gradients_within_float32_tolerance():
+    torch.manual_seed(1)
+    ours, plain = _pair((64, 64, 3, 1, 1, (2, 2)), torch.float32, False)
+    x = torch.randn(16, 64, 2, 2)
+    grad = torch.randn(16, 64, 2, 2)
+    _, got = _grads(ours, x, grad)
+    _, want = _grads(plain.double(), x.double(), grad.double())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: conv._SmallMapConv.apply(x, w, b, (2, 1), (1, 1)), (x, w, b))
+
+
+def test_large_batches_are_unfolded_in_chunks(monkeypatch):
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 1)  # one sample at a time
+    torch.manual_seed(3)
+    x = torch.randn(5, 6, 2, 3, dtype=torch.float64)
+    grad = torch.randn(5, 4, 2, 3, dtype=torch.float64)
+    w = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    want, = torch.autograd.grad(F.conv2d(x, w, padding=1), w, grad)
+    torch.testing.assert_close(conv.conv2d_weight_grad(grad, x, w.shape, (1, 1), (1, 1)), want)
+
+
+def test_empty_batch_gives_zero_weight_gradient(monkeypatch):
+    calls = _count_calls(monkeypatch)
+    layer = Conv2d(3, 4, 3, padding=1, bias=True).double()
+    x = torch.zeros(0, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls
+    assert x.grad.shape == x.shape
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
+def test_non_finite_inputs_propagate_like_torch(monkeypatch):
+    calls = _count_calls(monkeypatch)
+    ours, plain = _pair((3, 4, 3, 1, 1, (2, 2)), torch.float64, False)
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    x[0, 1, 0, 0], x[1, 2, 1, 1] = float("nan"), float("inf")
+    grad = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    _, got = _grads(ours, x, grad)
+    _, want = _grads(plain, x, grad)
+    assert calls
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["large map", "groups", "dilation", "same padding", "reflect padding", "bfloat16",
+                                  "autocast", "no grad", "frozen weight"])
+def test_other_convolutions_are_torch_conv2d(case, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    options = {"groups": {"groups": 2}, "dilation": {"dilation": 2}, "same padding": {"padding": "same"},
+               "reflect padding": {"padding_mode": "reflect"}}.get(case, {})
+    options.setdefault("padding", 1)
+    layer = Conv2d(4, 4, 3, **options)
+    size = 16 if case == "large map" else 3  # 16 x 16 = 256 output positions, over SMALL_MAP
+    x = torch.randn(2, 4, size, size, requires_grad=True)
+    if case == "bfloat16":
+        layer, x = layer.bfloat16(), x.detach().bfloat16().requires_grad_()
+    if case == "frozen weight":
+        layer.requires_grad_(False)
+    plain = nn.Conv2d(4, 4, 3, **options).to(layer.weight.dtype).requires_grad_(layer.weight.requires_grad)
+    plain.load_state_dict(layer.state_dict())
+    with torch.set_grad_enabled(case != "no grad"), torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast"):
+        out, ref = layer(x), plain(x)
+        if out.requires_grad:
+            out.sum().backward()
+    assert not calls
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_resnet_at_48px_uses_it_and_matches_plain_convolutions(monkeypatch):
+    """The model built with Conv2d trains to the same gradients as with torch.nn.Conv2d's backward."""
+    calls = _count_calls(monkeypatch)
+    torch.manual_seed(4)
+    model = resnet18(num_classes=8, fused=False).double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    model(x).logsumexp(1).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    used = len(calls)
+    model.zero_grad()
+    monkeypatch.setattr(conv, "SMALL_MAP", 0)
+    model(x).logsumexp(1).sum().backward()
+    assert used >= 8, f"stages 3 and 4 and the gates should use it at 48 px, used {used} times"
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("value, expected", [("0", "0"), ("64", "64"), ("", str(conv.SMALL_MAP)),
+                                             ("many", "FER_KERNELS_SMALL_MAP='many': expected a number")])
+def test_the_environment_sets_or_turns_off_the_limit(value, expected):
+    env = {**os.environ, "FER_KERNELS_SMALL_MAP": value}
+    run = subprocess.run([sys.executable, "-c", "import fer_kernels.nn.conv as c; print(c.SMALL_MAP)"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert expected in (run.stdout if run.returncode == 0 else run.stderr)
+    assert (run.returncode == 0) == expected.isdigit()
