@@ -50,6 +50,7 @@ class DataConfig:
     workers: int = 2
     timeout: float = 300.0  # seconds without a batch from the input pipeline's workers before the run stops
     class_weights: str = "eq3"  # docs/method.md section 4: eq3, eq4 or none
+    class_balance: float = 0.0  # draw training samples with weight (class count) ** -class_balance (0: each once)
     fmix: bool = True
     fmix_alpha: float = 1.0
     fmix_decay_power: float = 3.0
@@ -365,6 +366,12 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"optim.flat_fraction must be in [0, 1], got {o.flat_fraction}")
     if o.eps <= 0 or o.weight_decay < 0 or o.momentum < 0:
         raise ConfigError("optim.eps must be positive and optim.weight_decay, optim.momentum non-negative")
+    if not 0 <= d.class_balance <= 1:
+        raise ConfigError(f"data.class_balance must be in [0, 1] (0: every image once per epoch; 1: every class "
+                          f"equally often), got {d.class_balance}")
+    if d.class_balance and d.class_weights != "none":
+        raise ConfigError(f"data.class_balance={d.class_balance} and data.class_weights={d.class_weights} both "
+                          f"correct for rare classes, which would count them twice; set data.class_weights=none")
     if not (0 <= d.label_smoothing < 1 and 0 <= t.ema < 1):
         raise ConfigError(f"data.label_smoothing and train.ema must be in [0, 1), got {d.label_smoothing} and {t.ema}")
     if t.time_budget is not None:

@@ -97,7 +97,7 @@ class Trainer:
         fmix = FMix(d.fmix_alpha, d.fmix_decay_power, d.fmix_per_sample) if d.fmix else None
         self.loader = build_loader(self.data.train, micro, True, d.image_size, self.device, d.backend, fmix, t.seed,
                                    rank=self.dist.rank, world=self.dist.world, num_workers=d.workers,
-                                   channels_last=t.channels_last, timeout=d.timeout)
+                                   channels_last=t.channels_last, timeout=d.timeout, class_balance=d.class_balance)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
         self._elapsed_before, self._session_start = 0.0, time.perf_counter()  # wall time of earlier sessions
         self.last_good: str | None = None  # the newest checkpoint, which was checked to hold finite weights

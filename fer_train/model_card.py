@@ -78,7 +78,8 @@ def write_model_card(trainer, results: list, temperature: float) -> Path:
         f"- Sets: {'; '.join(f'{name}: {SOURCES[name]}' for name in sets)}.",
         f"- FERPlus labels for training: {c.data.ferplus_label_mode} (evaluation always uses the majority labels)"
         if "ferplus" in sets else "- Labels as each set gives them (docs/method.md section 7).",
-        f"- Class weights in the loss: {c.data.class_weights}.",
+        f"- Class weights in the loss: {c.data.class_weights}"
+        f"{'; class-balanced sampling, power ' + str(c.data.class_balance) if c.data.class_balance else ''}.",
         "- Images per class, and what was left out and why:",
         "",
         train_report,

@@ -111,6 +111,15 @@ class RunLog:
             self._board.close()
 
 
+def _weight_gradient(device) -> str:
+    """Which convolution weight gradient the CPU uses on small maps (fer_kernels.nn.conv)."""
+    if device.type != "cpu":
+        return ""
+    from fer_kernels.nn import conv
+    return (f"; conv weight gradient unfolded up to {conv.SMALL_MAP} positions" if conv.SMALL_MAP > 0
+            else "; conv weight gradient oneDNN")
+
+
 def describe(trainer) -> str:
     """The header a run prints: where it runs, the model, optimizer and recipe, the data and its evaluation."""
     c = trainer.config
@@ -122,8 +131,11 @@ def describe(trainer) -> str:
             f"{c.train.batch_size} ({trainer.micro_batch} x {trainer.accumulation} accumulation x {trainer.dist.world} "
             f"processes){f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
             f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend}; "
-            f"{c.data.image_size} px; freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}\n"
-            f"training data:\n{sets}\nclass weights ({c.data.class_weights}): "
+            f"{c.data.image_size} px; freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}"
+            f"{_weight_gradient(trainer.device)}\n"
+            f"training data:\n{sets}\n"
+            f"{f'class-balanced sampling, power {c.data.class_balance}; ' if c.data.class_balance else ''}"
+            f"class weights ({c.data.class_weights}): "
             f"{[round(w, 4) for w in trainer.weights.tolist()]}\n"
             f"evaluation: {', '.join(trainer.data.validation) or 'none'}; best model by "
             f"{trainer.data.selection[0] if trainer.data.selection else 'none (the last is kept)'}"

@@ -118,10 +118,13 @@ class FERDataset(Dataset):
         part.skipped, part._unreadable = Counter(), set()
         return part
 
+    def labels(self) -> torch.Tensor:
+        """int64 [N]: each sample's hard label (for FERPlus vote distributions, the majority or plurality)."""
+        return torch.tensor([r.label for r in self.records], dtype=torch.int64)
+
     def class_counts(self) -> torch.Tensor:
         """float64 [8]: samples per class, by hard label."""
-        labels = torch.tensor([r.label for r in self.records], dtype=torch.int64)
-        return torch.bincount(labels, minlength=len(CLASSES)).double()
+        return torch.bincount(self.labels(), minlength=len(CLASSES)).double()
 
     def report(self) -> str:
         """One line: name, split, size, count per class the set can have, items left out by reason."""
@@ -156,6 +159,9 @@ class CombinedDataset(ConcatDataset):
     @property
     def skipped(self) -> Counter:
         return sum((d.skipped for d in self.datasets), Counter())
+
+    def labels(self) -> torch.Tensor:
+        return torch.cat([d.labels() for d in self.datasets])
 
     def class_counts(self) -> torch.Tensor:
         return sum(d.class_counts() for d in self.datasets)

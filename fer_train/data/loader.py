@@ -69,7 +69,8 @@ class Loader:
 def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, device=None, backend: str = "auto",
                  fmix=None, seed: int = 0, *, rank: int = 0, world: int = 1, num_workers: int = 2,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 config: AugmentConfig | None = None, timeout: float = DataConfig.timeout) -> Loader:
+                 config: AugmentConfig | None = None, timeout: float = DataConfig.timeout,
+                 class_balance: float = 0.0) -> Loader:
     """Batches of (images N x 3 x image_size x image_size on `device`, targets) from one data set or a list
     of them (combined into one training set).
 
@@ -82,7 +83,9 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     indices (int64), or N x 8 probabilities when a set has soft targets. timeout: seconds without a batch
     from the worker processes before InputWorkerError (data.timeout), which also reports a worker that
     died. An image that cannot be read mid-run raises DataError, or with the set's on_error="skip" is
-    replaced by the next sample that reads and counted in Loader.skipped.
+    replaced by the next sample that reads and counted in Loader.skipped. class_balance (training): 0 reads
+    every sample once per epoch; above 0, samples are drawn with replacement, weighted by their class's count
+    to the power -class_balance (1: every class equally often; data.class_balance).
     """
     if backend not in DATA_BACKENDS:
         raise ValueError(f"build_loader: backend must be one of {DATA_BACKENDS}, got {backend!r}")
@@ -98,5 +101,6 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     use_dali = backend == "dali" or (backend == "auto" and dali_available())
     kind = DaliPipeline if use_dali else TorchPipeline
     pipeline = kind(datasets, batch_size, train, device, config=config, seed=seed, rank=rank, world=world,
-                    num_workers=num_workers, out_dtype=out_dtype, channels_last=channels_last, timeout=timeout)
+                    num_workers=num_workers, out_dtype=out_dtype, channels_last=channels_last, timeout=timeout,
+                    class_balance=class_balance)
     return Loader(pipeline, fmix if train else None, seed)

@@ -13,9 +13,15 @@ class EpochOrder:
     accumulation: DDP gives the same steps. Training drops the tail that would not fill a batch on every
     rank (each rank gets the same number of full batches, as DDP needs). Evaluation: the data set in order,
     dealt sample by sample; everything is read, the last batch may be short and ranks may differ by one
-    batch."""
+    batch.
 
-    def __init__(self, size: int, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1):
+    weights (training only): each sample's chance of being drawn, up to a constant (class-balanced sampling,
+    sample_weights). The epoch is then as many draws with replacement as the permutation would deal, from
+    the same (seed, epoch) generator: a rare class's samples repeat within an epoch, a common class's are
+    partly left out."""
+
+    def __init__(self, size: int, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 weights: torch.Tensor | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world:
@@ -23,15 +29,23 @@ class EpochOrder:
         if train and size < batch_size * world:
             raise ValueError(f"the training set has {size} samples, fewer than one batch of {batch_size} on each of "
                              f"{world} ranks")
+        if weights is not None and (weights.shape != (size,) or not bool(torch.all(weights >= 0))
+                                    or not float(weights.sum()) > 0):
+            raise ValueError(f"weights must be {size} non-negative numbers, not all zero")
         self.size, self.batch_size, self.train = size, batch_size, train
         self.seed, self.rank, self.world = seed, rank, world
+        self.weights = None if weights is None else weights.double()
 
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices for `epoch`, in reading order."""
         if self.train:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
-            order = torch.randperm(self.size, generator=generator)
             rounds = self._per_rank() // self.batch_size
+            if self.weights is None:
+                order = torch.randperm(self.size, generator=generator)
+            else:
+                order = torch.multinomial(self.weights, rounds * self.world * self.batch_size, replacement=True,
+                                          generator=generator)
             dealt = order[:rounds * self.world * self.batch_size].view(rounds, self.world, self.batch_size)
             return dealt[:, self.rank].reshape(-1)
         return torch.arange(self.rank, self.size, self.world)
@@ -47,3 +61,11 @@ class EpochOrder:
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         return -(-self._per_rank() // self.batch_size)
+
+
+def sample_weights(labels: torch.Tensor, power: float) -> torch.Tensor:
+    """Class-balanced sampling: each sample weighted by (its class's count) ** -power. power 0: every sample
+    alike (the plain permutation); 1: every class drawn equally often; 0.5: the square root in between
+    (rare classes seen more often without repeating their few images as much)."""
+    counts = torch.bincount(labels).double()
+    return counts[labels] ** -power

@@ -26,7 +26,7 @@ import torch
 from fer_train.config import DataConfig
 from fer_train.data.base import CLASSES, FERDataset, Record, unusable
 from fer_train.data.images import ImageError
-from fer_train.data.order import EpochOrder
+from fer_train.data.order import EpochOrder, sample_weights
 from fer_train.errors import DataError
 from fer_train.recipe.augmentation import AugmentConfig, AugmentParams, sample_keys, sample_params
 
@@ -53,17 +53,19 @@ def stack_targets(targets: list[torch.Tensor], classes: int = len(CLASSES)) -> t
 class Pipeline:
     """Batches of (normalised images on `device`, targets) for one rank; one epoch per iteration. An
     iteration stopped early resumes at the first batch not handed out; state_dict() holds (epoch, position).
-    timeout: seconds without a batch from the worker processes before InputWorkerError."""
+    timeout: seconds without a batch from the worker processes before InputWorkerError. class_balance:
+    training samples drawn with weight (their class's count) ** -class_balance (order.sample_weights)."""
 
     def __init__(self, dataset, batch_size: int, train: bool, device: torch.device, *, config=AugmentConfig(),
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 2, out_dtype=torch.float32,
-                 channels_last: bool = False, timeout: float = DataConfig.timeout):
+                 channels_last: bool = False, timeout: float = DataConfig.timeout, class_balance: float = 0.0):
         if not timeout > 0:
             raise ValueError(f"the input pipeline's timeout must be a positive number of seconds, got {timeout!r}")
         self.dataset, self.batch_size, self.train, self.device = dataset, batch_size, train, device
         self.config, self.seed, self.out_dtype, self.channels_last = config, seed, out_dtype, channels_last
         self.num_workers, self.timeout = num_workers, timeout
-        self.order = EpochOrder(len(dataset), batch_size, train, seed, rank, world)
+        weights = sample_weights(dataset.labels(), class_balance) if train and class_balance else None
+        self.order = EpochOrder(len(dataset), batch_size, train, seed, rank, world, weights)
         self.epoch, self.position = 0, 0  # the next batch to read
         self.skipped: Counter = Counter()  # samples left out while reading, by reason (each sample once)
         self._left_out: set[int] = set()  # the samples counted in skipped

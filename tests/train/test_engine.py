@@ -223,6 +223,8 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys):
     (["--set", "model.booster=squeeze"], "model.booster must be one of"),
     (["--config", "/no/such.toml"], "config file /no/such.toml does not exist"),
     (["--resume", "/no/such/run"], "checkpoint /no/such/run does not exist"),
+    (["--set", "data.class_balance=1.5", "--set", "data.class_weights=none"], "data.class_balance must be in [0, 1]"),
+    (["--set", "data.class_balance=0.5"], "would count them twice; set data.class_weights=none"),
 ])
 def test_bad_configs_and_paths_fail_before_any_work(args, message, capsys):
     assert main(args) == 2

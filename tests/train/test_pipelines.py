@@ -10,7 +10,7 @@ from fer_kernels import reference
 from fer_train.data import MixedTargets, build_loader, open_dataset
 from fer_train.data.dali_pipeline import dali_available, linear_colour
 from fer_train.data.images import decode
-from fer_train.data.order import EpochOrder
+from fer_train.data.order import EpochOrder, sample_weights
 from fer_train.recipe.augmentation import AugmentConfig, full_boxes, sample_keys, sample_params
 from fer_train.recipe.fmix import FMix
 from helpers import jpeg, make_ferplus, pattern, png, write
@@ -97,6 +97,49 @@ def test_ranks_read_disjoint_shards():
     assert sorted(torch.cat(evaluation).tolist()) == list(range(103))
     with pytest.raises(ValueError, match="fewer than one batch"):
         EpochOrder(9, 5, True, world=2)
+
+
+def test_class_balanced_sampling_draws_every_class_equally_often():
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)  # 90 : 9 : 1
+    order = EpochOrder(len(labels), 10, True, seed=2, weights=sample_weights(labels, 1.0))
+    drawn = torch.cat([labels[order.indices(epoch)] for epoch in range(30)])
+    shares = torch.bincount(drawn, minlength=3).double() / len(drawn)  # 30,000 draws
+    assert torch.allclose(shares, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02), shares
+    root = EpochOrder(len(labels), 10, True, seed=2, weights=sample_weights(labels, 0.5))
+    drawn = torch.cat([labels[root.indices(epoch)] for epoch in range(30)])
+    # the square root: 900 ** 0.5 : 90 ** 0.5 : 10 ** 0.5 of the draws, i.e. 30 : 9.5 : 3.2
+    expected = torch.tensor([900, 90, 10], dtype=torch.float64).sqrt()
+    shares = torch.bincount(drawn, minlength=3).double() / len(drawn)
+    assert torch.allclose(shares, expected / expected.sum(), atol=0.02), shares
+    assert len(order) == len(EpochOrder(len(labels), 10, True)) == 100  # as many batches as a plain epoch
+    assert torch.equal(order.indices(4), EpochOrder(len(labels), 10, True, seed=2,
+                                                    weights=sample_weights(labels, 1.0)).indices(4))
+    assert torch.equal(sample_weights(labels, 0.0), torch.ones(1000, dtype=torch.float64))
+
+
+def test_class_balanced_ranks_deal_one_draw():
+    weights = sample_weights(torch.arange(103) % 4, 1.0)
+    one = EpochOrder(103, 5, True, seed=1, weights=weights).batches(0)
+    assert all(torch.equal(b, one[q * 3 + r]) for r in range(3) for q, b in
+               enumerate(EpochOrder(103, 5, True, seed=1, rank=r, world=3, weights=weights).batches(0)))
+    for bad in (torch.ones(5), -weights, torch.zeros(103), torch.full((103,), float("nan"))):
+        with pytest.raises(ValueError, match="weights must be 103 non-negative numbers"):
+            EpochOrder(103, 5, True, weights=bad)
+
+
+def test_class_balanced_loader_is_reproducible_and_resumable(tmp_path):
+    dataset = _ferplus(tmp_path, n=24)  # labels k % 8
+    epoch = [t for _, t in _loader(dataset, True, seed=3, class_balance=1.0)]
+    again = [t for _, t in _loader(dataset, True, seed=3, class_balance=1.0)]
+    plain = [t for _, t in _loader(dataset, True, seed=3)]
+    assert all(torch.equal(a, b) for a, b in zip(epoch, again))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch, plain))
+    stopped = _loader(dataset, True, seed=3, class_balance=1.0)
+    next(iter(stopped))
+    resumed = _loader(dataset, True, seed=3, class_balance=1.0)
+    resumed.load_state_dict(stopped.state_dict())
+    rest = [t for _, t in resumed]
+    assert len(rest) == len(epoch) - 1 and all(torch.equal(a, b) for a, b in zip(rest, epoch[1:]))
 
 
 def test_face_box_is_the_crop(tmp_path):

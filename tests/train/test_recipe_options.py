@@ -1,5 +1,6 @@
 """The recipe options that buy accuracy per CPU-hour: a time budget that still evaluates and writes the model
-card, the soft-label loss, label smoothing, the weight EMA saved as best.pt, the CIFAR stem."""
+card, the soft-label loss, label smoothing, the weight EMA saved as best.pt, class-balanced sampling, the CIFAR
+stem."""
 
 from __future__ import annotations
 
@@ -99,6 +100,15 @@ def test_with_ema_best_pt_holds_the_averaged_weights(tmp_path):
     assert best["model"].keys() == last["model"].keys() == averaged.keys()
     assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
     assert not all(torch.equal(best["model"][k], last["model"][k]) for k in averaged)
+
+
+def test_class_balanced_sampling_runs_and_is_recorded(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--steps", "3", "--out", str(run), *RUN, "--set", "data.class_balance=0.5", "--set",
+                 "data.class_weights=none", "--set", "train.eval_every=3", "--set", "train.tta_report=false"]) == 0
+    assert "class-balanced sampling, power 0.5; class weights (none)" in capsys.readouterr().out
+    assert "class-balanced sampling, power 0.5" in (run / "model-card.md").read_text()
+    assert checkpoint.load(run / "last.pt")["config"]["data"]["class_balance"] == 0.5
 
 
 def test_cifar_stem_keeps_the_blocks_and_the_resolution():
