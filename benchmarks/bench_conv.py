@@ -110,7 +110,8 @@ def main():
     rows = ROWS[:1] if args.quick else ROWS
     results = common.Results("conv", device, args, measure_copy=False, notes=[
         "layers: channels_last float32, median ms of each pass; used = which weight gradient the model takes "
-        f"(unfolded where the output map has at most SMALL_MAP = {conv.SMALL_MAP} positions)",
+        f"(unfolded where the output map has at most as many positions as output channels, and at most "
+        f"SMALL_MAP = {conv.SMALL_MAP})",
         f"step: ResNet-18 + Mish + ABP, forward, cross-entropy, backward, fused Ranger; median of {steps} steps "
         "per variant, the variants taking turns"])
     for batch, size in rows:
@@ -118,7 +119,7 @@ def main():
             times = time_layer(shape, device)
             positions = shape["out_map"][0] * shape["out_map"][1]
             row = {"part": "layer", "batch": batch, "image_size": size, **shape, "times_ms": times,
-                   "used": "unfolded" if positions <= conv.SMALL_MAP else "onednn",
+                   "used": "unfolded" if conv.unfolds_weight_grad(positions, shape["out_channels"]) else "onednn",
                    "weight_grad_speedup": times["weight_grad_onednn"] / times["weight_grad_unfolded"]}
             results.append(row)
             print(f"{size:>3} px b{batch:<3} {shape['in'][1]:>4} -> {shape['out_channels']:<4} k{shape['kernel'][0]} "

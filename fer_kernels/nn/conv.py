@@ -7,8 +7,8 @@ weight gradient takes 50-90 ms on 2 AVX2 cores, while unfolding the input into a
 matrix and multiplying it by the output gradient takes 6-9 ms; a whole ResNet-18 training step at 48 px
 is 1.5x faster (benchmarks/bench_conv.py has the figures for every layer shape and the step). The forward
 pass and the input gradient stay with oneDNN, which is fast on these shapes; so does every layer whose
-output map is larger than SMALL_MAP positions, where the unfolded matrix grows with the map and stops
-paying.
+output map has more positions than the layer has output channels (or than SMALL_MAP), where copying the
+unfolded input costs more than the product saves.
 
 The path is taken only where it is exact and measured: on the CPU, float32 or float64 without autocast,
 zero padding, no dilation, no groups, and when gradients are being recorded; everything else is
@@ -26,9 +26,12 @@ from torch import nn
 
 __all__ = ["Conv2d", "SMALL_MAP", "conv2d_weight_grad"]
 
-# Output positions (Ho x Wo) up to which the unfolded weight gradient is used. Measured on 2 AVX2 cores
-# (benchmarks/results/cpu-amd-epyc-conv.json): 1.2-14x faster than oneDNN's on ResNet-18's maps of 1 x 1 to
-# 14 x 14 (the 512-channel 3x3 on 2 x 2 at 48 px: 87 ms against 6 ms), slower on 28 x 28 and larger.
+# Output positions (Ho x Wo) up to which the unfolded weight gradient may be used; it is used where the map
+# also has no more positions than the layer has output channels (unfolds_weight_grad). Measured on 2 AVX2
+# cores (benchmarks/results/cpu-amd-epyc-conv.json): 1.1-14x faster than oneDNN's on every such layer of
+# ResNet-18 at 48 and 224 px (the 512-channel 3x3 on 2 x 2 at 48 px: 87 ms against 6 ms), and slower where
+# the map outgrows the channels (0.77x on the 64-channel 12 x 12 at 48 px, 0.9x on the 128-channel 28 x 28):
+# copying the unfolded input then costs more than the product saves.
 SMALL_MAP = 196
 ENV_SMALL_MAP = "FER_KERNELS_SMALL_MAP"
 if os.environ.get(ENV_SMALL_MAP, "").strip():
@@ -40,6 +43,11 @@ if os.environ.get(ENV_SMALL_MAP, "").strip():
 # The unfolded input is built for this many bytes at a time (whole samples), so that a large batch does not
 # allocate one huge matrix.
 _CHUNK_BYTES = 32 << 20
+
+
+def unfolds_weight_grad(positions: int, out_channels: int) -> bool:
+    """Whether a layer with this many output positions and channels takes the unfolded weight gradient."""
+    return 0 < positions <= min(SMALL_MAP, out_channels)
 
 
 def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
@@ -112,4 +120,4 @@ class Conv2d(nn.Conv2d):
         (h, w), (kh, kw) = x.shape[-2:], self.kernel_size
         ho = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
-        return 0 < ho * wo <= SMALL_MAP
+        return unfolds_weight_grad(ho * wo, self.out_channels)

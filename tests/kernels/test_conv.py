@@ -15,15 +15,15 @@ from fer_kernels.nn import Conv2d
 
 # (in channels, out channels, kernel, stride, padding, input H x W): stage 3-4 shapes of a ResNet at 48 px,
 # odd and non-square kernels, maps, strides and paddings, and the ABP gate's 1x1 on a 1 x 1 map
-SHAPES = [
+SHAPES = [  # out channels >= output positions, so that every shape takes the unfolded path
     (8, 8, 3, 1, 1, (2, 2)),
     (6, 10, 3, 2, 1, (3, 3)),
     (5, 7, 1, 1, 0, (1, 1)),
     (4, 6, 1, 2, 0, (5, 3)),
-    (3, 5, (3, 5), (2, 1), (1, 2), (4, 3)),
-    (3, 4, 7, 2, 3, (7, 5)),
-    (2, 3, 3, 1, 0, (3, 4)),
-    (4, 4, 2, 2, 0, (6, 6)),
+    (3, 12, (3, 5), (2, 1), (1, 2), (4, 3)),
+    (3, 12, 7, 2, 3, (7, 5)),
+    (2, 4, 3, 1, 0, (3, 4)),
+    (4, 9, 2, 2, 0, (6, 6)),
 ]
 
 
@@ -128,21 +128,23 @@ def test_non_finite_inputs_propagate_like_torch(monkeypatch):
         torch.testing.assert_close(g, w, equal_nan=True)
 
 
-@pytest.mark.parametrize("case", ["large map", "groups", "dilation", "same padding", "reflect padding", "bfloat16",
+@pytest.mark.parametrize("case", ["large map", "map larger than the channels", "groups", "dilation", "same padding", "reflect padding", "bfloat16",
                                   "autocast", "no grad", "frozen weight"])
 def test_other_convolutions_are_torch_conv2d(case, monkeypatch):
     calls = _count_calls(monkeypatch)
     options = {"groups": {"groups": 2}, "dilation": {"dilation": 2}, "same padding": {"padding": "same"},
                "reflect padding": {"padding_mode": "reflect"}}.get(case, {})
     options.setdefault("padding", 1)
-    layer = Conv2d(4, 4, 3, **options)
-    size = 16 if case == "large map" else 3  # 16 x 16 = 256 output positions, over SMALL_MAP
+    channels = 4 if case == "map larger than the channels" else 16
+    layer = Conv2d(4, channels, 3, **options)
+    # 16 x 16 = 256 output positions, over SMALL_MAP; 3 x 3 = 9 positions against 4 channels
+    size = 16 if case == "large map" else 3
     x = torch.randn(2, 4, size, size, requires_grad=True)
     if case == "bfloat16":
         layer, x = layer.bfloat16(), x.detach().bfloat16().requires_grad_()
     if case == "frozen weight":
         layer.requires_grad_(False)
-    plain = nn.Conv2d(4, 4, 3, **options).to(layer.weight.dtype).requires_grad_(layer.weight.requires_grad)
+    plain = nn.Conv2d(4, channels, 3, **options).to(layer.weight.dtype).requires_grad_(layer.weight.requires_grad)
     plain.load_state_dict(layer.state_dict())
     with torch.set_grad_enabled(case != "no grad"), torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast"):
         out, ref = layer(x), plain(x)
