@@ -3,9 +3,9 @@
 oneDNN computes a convolution's weight gradient with blocked kernels tuned for large feature maps; on maps
 of a few positions (a 48 px face leaves ResNet's stage 4 at 2 x 2 and stage 3 at 3 x 3) they spend most of
 their time reordering the weights. For batch 32, 512 -> 512 channels, a 3x3 kernel on a 2 x 2 map, its
-weight gradient takes 50-90 ms on 2 AVX2 cores, while unfolding the input into a (N*P) x (kh*kw*C)
+weight gradient takes 50-100 ms on 2 AVX2 cores, while unfolding the input into a (N*P) x (kh*kw*C)
 matrix and multiplying it by the output gradient takes 6-9 ms; a whole ResNet-18 training step at 48 px
-is 1.5x faster (benchmarks/bench_conv.py has the figures for every layer shape and the step). The forward
+is 1.5-1.6x faster (benchmarks/bench_conv.py has the figures for every layer shape and the step). The forward
 pass and the input gradient stay with oneDNN, which is fast on these shapes; so does every layer whose
 output map has more positions than the layer has output channels (or than SMALL_MAP), where copying the
 unfolded input costs more than the product saves.
@@ -28,10 +28,10 @@ __all__ = ["Conv2d", "SMALL_MAP", "conv2d_weight_grad"]
 
 # Output positions (Ho x Wo) up to which the unfolded weight gradient may be used; it is used where the map
 # also has no more positions than the layer has output channels (unfolds_weight_grad). Measured on 2 AVX2
-# cores (benchmarks/results/cpu-amd-epyc-conv.json): 1.1-14x faster than oneDNN's on every such layer of
-# ResNet-18 at 48 and 224 px (the 512-channel 3x3 on 2 x 2 at 48 px: 87 ms against 6 ms), and slower where
-# the map outgrows the channels (0.77x on the 64-channel 12 x 12 at 48 px, 0.9x on the 128-channel 28 x 28):
-# copying the unfolded input then costs more than the product saves.
+# cores (benchmarks/results/cpu-amd-epyc-conv.json): 1.0-12x as fast as oneDNN's on every such layer of
+# ResNet-18 at 48 and 224 px (the 512-channel 3x3 on 2 x 2 at 48 px: 8 ms against 98 ms), and slower where
+# the map outgrows the channels (0.69x on the 64-channel 12 x 12 at 48 px; on the 28 x 28 maps at 224 px
+# the two traded places between runs): copying the unfolded input then costs more than the product saves.
 SMALL_MAP = 196
 ENV_SMALL_MAP = "FER_KERNELS_SMALL_MAP"
 if os.environ.get(ENV_SMALL_MAP, "").strip():
