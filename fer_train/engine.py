@@ -323,8 +323,9 @@ class Trainer:
                 return False
             started = time.perf_counter()
             self._validate()
-            self._budget_eval = (time.perf_counter() - started, self._final_evaluation_seconds(
-                (time.perf_counter() - started) / max(sum(len(d) for d in self.data.validation.values()), 1)))
+            eval_seconds = time.perf_counter() - started
+            self._budget_eval = (eval_seconds, self._final_evaluation_seconds(
+                eval_seconds / max(sum(len(d) for d in self.data.validation.values()), 1)))
             self._set_length(budget, step_seconds[1:], f"(was {t.steps})")
             return True
         flat_until = {"flat_cosine": int(t.steps * o.flat_fraction), "cosine": 0}.get(o.schedule, t.steps)

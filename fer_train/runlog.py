@@ -116,7 +116,8 @@ def _weight_gradient(device) -> str:
     if device.type != "cpu":
         return ""
     from fer_kernels.nn import conv
-    return (f"; conv weight gradient unfolded up to {conv.SMALL_MAP} positions" if conv.SMALL_MAP > 0
+    return (f"; conv weight gradient unfolded on maps of at most min({conv.SMALL_MAP}, output channels) positions"
+            if conv.SMALL_MAP > 0
             else "; conv weight gradient oneDNN")
 
 
