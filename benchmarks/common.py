@@ -157,6 +157,10 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
     }
+    if device.type == "cpu":
+        # the vector unit ATen and our kernels' clones run on (AVX512, AVX2, ...): the same CPU model name
+        # covers machines with and without AVX-512, and the kernels' speed differs between them
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["capability"] = f"{props.major}.{props.minor}"
