@@ -1,11 +1,13 @@
-"""The convolution weight gradient on small maps (fer_kernels.nn.Conv2d) against oneDNN's, per layer and per step.
+"""Convolutions on small maps (fer_kernels.nn.Conv2d) against oneDNN's, per layer and per step.
 
 layers: every distinct 3x3 / 1x1 convolution of ResNet-18 + ABP at 48 px (batch 32) and 224 px (batch 8),
-channels_last float32: the forward, oneDNN's input gradient, oneDNN's weight gradient and the unfolded
-weight gradient (im2col + one matrix product), median ms. Which of the two weight gradients the model
-uses is decided by fer_kernels.nn.conv.SMALL_MAP (output positions); the rows show where that limit
-sits. step: one training step (forward, cross-entropy, backward, fused Ranger) of the whole model with
-the unfolded weight gradient on small maps and with oneDNN's everywhere, the two taking turns step by step.
+channels_last float32: oneDNN's forward, input gradient and weight gradient, the unfolded weight gradient
+(im2col + one matrix product) and, on maps of at most 3 x 3 under a larger kernel, the products by kernel
+tap (forward; both gradients in one pass), median ms. `used` is what the model takes there
+(fer_kernels.nn.conv.by_taps and unfolds_weight_grad), so the rows show where the limits sit.
+step: one training step (forward, cross-entropy, backward, fused Ranger) of the whole model as it is
+("default"), without the products by taps ("unfolded") and with oneDNN everywhere ("onednn"), the three
+taking turns step by step.
 
     python benchmarks/bench_conv.py [--quick] [--steps 20]
 
@@ -69,6 +71,9 @@ def time_layer(shape: dict, device) -> dict:
              "input_grad_onednn": [onednn((True, False, False))],
              "weight_grad_onednn": [onednn((False, True, False))],
              "weight_grad_unfolded": [lambda: conv.conv2d_weight_grad(grad, x, w.shape, stride, padding)]}
+    if x.shape[2] * x.shape[3] <= 9 and w.shape[2] * w.shape[3] > 1:  # maps up to 3 x 3, kernels over 1 x 1
+        times["forward_taps"] = [lambda: conv.conv2d_by_taps(x, w, None, stride, padding)]
+        times["both_grads_taps"] = [lambda: conv.conv2d_by_taps_backward(grad, x, w, stride, padding, True, True)]
     return {name: common.time_ms(calls, device, min_reps=10, min_seconds=0.2) for name, calls in times.items()}
 
 
@@ -85,19 +90,18 @@ def step_times(batch: int, size: int, steps: int, device) -> dict:
         loss.backward()
         optimizer.step()
 
-    limits = {"unfolded": conv.SMALL_MAP, "onednn": 0}
+    # name -> (SMALL_MAP, TAP_MAP)
+    limits = {"default": (conv.SMALL_MAP, conv.TAP_MAP), "unfolded": (conv.SMALL_MAP, 0), "onednn": (0, 0)}
     times = {name: [] for name in limits}
-    for _ in range(2):  # warm-up, both ways
-        for limit in limits.values():
-            conv.SMALL_MAP = limit
+    for _ in range(2):  # warm-up, every way
+        for conv.SMALL_MAP, conv.TAP_MAP in limits.values():
             step()
-    for _ in range(steps):  # taking turns, so that a slow stretch of the machine hits both
-        for name, limit in limits.items():
-            conv.SMALL_MAP = limit
+    for _ in range(steps):  # taking turns, so that a slow stretch of the machine hits all
+        for name, (conv.SMALL_MAP, conv.TAP_MAP) in limits.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    conv.SMALL_MAP = limits["unfolded"]
+    conv.SMALL_MAP, conv.TAP_MAP = limits["default"]
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -109,30 +113,40 @@ def main():
     steps = 3 if args.quick else args.steps
     rows = ROWS[:1] if args.quick else ROWS
     results = common.Results("conv", device, args, measure_copy=False, notes=[
-        "layers: channels_last float32, median ms of each pass; used = which weight gradient the model takes "
-        f"(unfolded where the output map has at most as many positions as output channels, and at most "
-        f"SMALL_MAP = {conv.SMALL_MAP})",
+        "layers: channels_last float32, median ms of each pass; used = what the model takes: unfolded weight "
+        "gradient where the output map has at most as many positions as output channels, and at most "
+        f"SMALL_MAP = {conv.SMALL_MAP}; of those, everything by taps where the input map has at most "
+        f"TAP_MAP = {conv.TAP_MAP} positions and fewer than the kernel has taps; taps_speedup: forward + input "
+        "gradient + unfolded weight gradient against forward + both gradients by taps",
         f"step: ResNet-18 + Mish + ABP, forward, cross-entropy, backward, fused Ranger; median of {steps} steps "
         "per variant, the variants taking turns"])
     for batch, size in rows:
         for shape in layer_shapes(batch, size):
             times = time_layer(shape, device)
             positions = shape["out_map"][0] * shape["out_map"][1]
+            unfolded = conv.unfolds_weight_grad(positions, shape["out_channels"])
+            taps = unfolded and conv.by_taps(shape["in"][2] * shape["in"][3], shape["kernel"][0] * shape["kernel"][1])
             row = {"part": "layer", "batch": batch, "image_size": size, **shape, "times_ms": times,
-                   "used": "unfolded" if conv.unfolds_weight_grad(positions, shape["out_channels"]) else "onednn",
+                   "used": "taps" if taps else "unfolded" if unfolded else "onednn",
                    "weight_grad_speedup": times["weight_grad_onednn"] / times["weight_grad_unfolded"]}
+            if "forward_taps" in times:
+                onednn_total = times["forward"] + times["input_grad_onednn"] + times["weight_grad_unfolded"]
+                row["taps_speedup"] = onednn_total / (times["forward_taps"] + times["both_grads_taps"])
             results.append(row)
             print(f"{size:>3} px b{batch:<3} {shape['in'][1]:>4} -> {shape['out_channels']:<4} k{shape['kernel'][0]} "
                   f"s{shape['stride'][0]} map {shape['out_map'][0]}x{shape['out_map'][1]} x{shape['count']}: "
                   + " ".join(f"{k} {v:.2f}" for k, v in times.items())
-                  + f"  speedup x{row['weight_grad_speedup']:.2f} ({row['used']})", flush=True)
+                  + f"  weight grad x{row['weight_grad_speedup']:.2f}"
+                  + (f", by taps x{row['taps_speedup']:.2f}" if "taps_speedup" in row else "")
+                  + f" ({row['used']})", flush=True)
         times = step_times(batch, size, steps, device)
         row = {"part": "step", "batch": batch, "image_size": size, "step_ms": times,
                "images_per_s": {k: batch / v * 1e3 for k, v in times.items()},
-               "speedup": times["onednn"] / times["unfolded"]}
+               "speedup": {"default vs onednn": times["onednn"] / times["default"],
+                           "default vs unfolded": times["unfolded"] / times["default"]}}
         results.append(row)
-        print(f"{size:>3} px b{batch:<3} step: unfolded {times['unfolded']:.1f} ms, oneDNN {times['onednn']:.1f} ms "
-              f"(x{row['speedup']:.2f})", flush=True)
+        print(f"{size:>3} px b{batch:<3} step: default {times['default']:.1f} ms, unfolded {times['unfolded']:.1f} ms, "
+              f"oneDNN {times['onednn']:.1f} ms", flush=True)
     results.finish()
 
 

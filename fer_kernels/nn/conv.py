@@ -1,23 +1,30 @@
-"""Conv2d whose weight gradient on the CPU, for small output maps, is one im2col matrix product.
+"""Conv2d that, on the CPU, computes small output maps with plain matrix products instead of oneDNN.
 
 oneDNN computes a convolution's weight gradient with blocked kernels tuned for large feature maps; on maps
 of a few positions (a 48 px face leaves ResNet's stage 4 at 2 x 2 and stage 3 at 3 x 3) they spend most of
 their time reordering the weights. For batch 32, 512 -> 512 channels, a 3x3 kernel on a 2 x 2 map, its
 weight gradient takes 50-100 ms on 2 AVX2 cores, while unfolding the input into a (N*P) x (kh*kw*C)
 matrix and multiplying it by the output gradient takes 6-9 ms; a whole ResNet-18 training step at 48 px
-is 1.5-1.6x faster (benchmarks/bench_conv.py has the figures for every layer shape and the step). The forward
-pass and the input gradient stay with oneDNN, which is fast on these shapes; so does every layer whose
-output map has more positions than the layer has output channels (or than SMALL_MAP), where copying the
-unfolded input costs more than the product saves.
+is 1.5-1.6x faster (benchmarks/bench_conv.py has the figures for every layer shape and the step). That
+unfolded weight gradient is used where the output map has no more positions than the layer has output
+channels (and at most SMALL_MAP): beyond, copying the unfolded input costs more than the product saves,
+and the forward pass and input gradient stay with oneDNN, which is fast there.
 
-The path is taken only where it is exact and measured: on the CPU, float32 or float64 without autocast,
-zero padding, no dilation, no groups, and when gradients are being recorded; everything else is
+Output maps of at most TAP_MAP positions under a kernel larger than 1 x 1 (stage 4 at 48 px) go further:
+the forward pass and both gradients are one matrix product per kernel tap over the (output, input)
+position pairs it joins (conv2d_by_taps). im2col and oneDNN multiply the zero padding too, which on such
+maps is most of the work: a 3x3 kernel over a 2 x 2 map joins 16 pairs where im2col computes 36.
+
+The paths are taken only where they are exact and measured: on the CPU, float32 or float64 without
+autocast, zero padding, no dilation, no groups, and when gradients are being recorded; everything else is
 ``torch.nn.Conv2d`` itself, and parameters and state-dict keys are Conv2d's. FER_KERNELS_SMALL_MAP=0 in
-the environment (read at import) turns it off; another number sets the largest map it serves.
+the environment (read at import) turns both off; another number sets the largest map they serve.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -40,9 +47,17 @@ if os.environ.get(ENV_SMALL_MAP, "").strip():
     except ValueError:
         raise ValueError(f"{ENV_SMALL_MAP}={os.environ[ENV_SMALL_MAP]!r}: expected a number of output positions "
                          f"(0 turns the unfolded weight gradient off; the default is {SMALL_MAP})") from None
+# Output positions up to which a layer on the unfolded path computes everything by taps (by_taps).
+TAP_MAP = 4
 # The unfolded input is built for this many bytes at a time (whole samples), so that a large batch does not
 # allocate one huge matrix.
 _CHUNK_BYTES = 32 << 20
+
+
+def by_taps(out_positions: int, kernel_taps: int) -> bool:
+    """Whether a layer on the unfolded path computes its forward pass and both gradients by kernel tap
+    (conv2d_by_taps) instead: output maps of at most TAP_MAP positions under a kernel larger than 1 x 1."""
+    return 0 < out_positions <= TAP_MAP and kernel_taps > 1
 
 
 def unfolds_weight_grad(positions: int, out_channels: int) -> bool:
@@ -74,18 +89,102 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
     return out.view(k, kh, kw, c).permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=64)
+def tap_pairs(in_size: tuple, kernel: tuple, stride: tuple, padding: tuple) -> tuple:
+    """The output map size and, for each kernel tap that touches the input map, (tap index i * kw + j, the
+    flat output positions q, the flat input positions p) of every pair it joins: p = q * stride - padding
+    + (i, j). Taps that fall on padding alone are left out, and so is every padding position."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = in_size, kernel, stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            pairs = [(a * wo + b, (a * sh - ph + i) * w + b * sw - pw + j) for a in range(ho) for b in range(wo)
+                     if 0 <= a * sh - ph + i < h and 0 <= b * sw - pw + j < w]
+            if pairs:
+                taps.append((i * kw + j, torch.tensor([q for q, _ in pairs]), torch.tensor([p for _, p in pairs])))
+    return (ho, wo), tuple(taps)
+
+
+def _by_position(t: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W -> (H * W) x N x C, one small copy: each position's N x C matrix contiguous."""
+    return t.permute(2, 3, 0, 1).reshape(t.shape[2] * t.shape[3], t.shape[0], t.shape[1])
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` (no dilation, one group) as one matrix product per
+    kernel tap over the position pairs it joins (tap_pairs): on a map smaller than the kernel, im2col and
+    oneDNN multiply mostly padding, which this skips (2 x 2 under a 3x3 kernel: 16 of 36 products).
+    The output has F.conv2d's layout (channels-last when x or the weight is)."""
+    n, c, h, w = x.shape
+    k, _, kh, kw = weight.shape
+    (ho, wo), taps = tap_pairs((h, w), (kh, kw), tuple(stride), tuple(padding))
+    xs = _by_position(x)
+    wt = weight.permute(2, 3, 0, 1).reshape(kh * kw, k, c)  # a view for a channels-last weight
+    acc = (bias.expand(ho * wo, n, k).clone() if bias is not None else x.new_zeros(ho * wo, n, k))
+    for tap, q, p in taps:
+        acc.index_add_(0, q, torch.mm(xs[p].view(-1, c), wt[tap].t()).view(len(q), n, k))
+    out = acc.view(ho, wo, n, k).permute(2, 3, 0, 1)
+    channels_last = _channels_last(x) or _channels_last(weight)
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding,
+                            need_input: bool, need_weight: bool) -> tuple:
+    """The input and weight gradients of conv2d_by_taps, from the same per-tap gathers: dx at p collects
+    grad(q) @ W(tap); dW(tap) sums grad(q)^T @ x(p) over the tap's pairs. The weight gradient has the
+    weight's layout."""
+    n, c, h, w = x.shape
+    k, _, kh, kw = weight.shape
+    _, taps = tap_pairs((h, w), (kh, kw), tuple(stride), tuple(padding))
+    xs, gs = _by_position(x), _by_position(grad)
+    wt = weight.permute(2, 3, 0, 1).reshape(kh * kw, k, c)
+    dxs = x.new_zeros(h * w, n, c) if need_input else None
+    dwt = x.new_zeros(kh * kw, k, c) if need_weight else None
+    for tap, q, p in taps:
+        g = gs[q].view(-1, k)
+        if need_input:
+            dxs.index_add_(0, p, torch.mm(g, wt[tap]).view(len(p), n, c))
+        if need_weight:
+            torch.mm(g.t(), xs[p].view(-1, c), out=dwt[tap])
+    dx = dw = None
+    if need_input:
+        dx = dxs.view(h, w, n, c).permute(2, 3, 0, 1)
+        dx = dx.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    if need_weight:
+        dw = dwt.view(kh, kw, k, c).permute(2, 3, 0, 1)
+        dw = dw.contiguous(memory_format=torch.channels_last if _channels_last(weight) else torch.contiguous_format)
+    return dx, dw
+
+
 class _SmallMapConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
+    def forward(ctx, x, weight, bias, stride, padding, taps):
         ctx.save_for_backward(x, weight)
-        ctx.conv = (stride, padding, bias is not None)
+        # Zero padding times a non-finite weight is NaN in F.conv2d; the products by taps skip the padding, so
+        # a non-finite weight (its sum is then not finite) goes to F.conv2d to keep torch's NaNs.
+        taps = taps and x.shape[0] > 0 and math.isfinite(weight.sum())
+        ctx.conv = (stride, padding, bias is not None, taps)
+        if taps:
+            return conv2d_by_taps(x, weight, bias, stride, padding)
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        stride, padding, has_bias = ctx.conv
+        stride, padding, has_bias, taps = ctx.conv
         dx = dw = dbias = None
+        taps = taps and math.isfinite(grad.sum())  # the same for padding times a non-finite gradient
+        if taps:
+            dx, dw = conv2d_by_taps_backward(grad, x, weight, stride, padding, *ctx.needs_input_grad[:2])
+        if has_bias and ctx.needs_input_grad[2]:
+            dbias = grad.sum((0, 2, 3))
+        if taps:
+            return dx, dw, dbias, None, None, None
         if ctx.needs_input_grad[0]:
             dx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, (1, 1), False, (0, 0),
                                                      1, (True, False, False))[0]
@@ -94,30 +193,32 @@ class _SmallMapConv(torch.autograd.Function):
             # the parameter's own layout, so that gradient accumulation needs no reordering copy
             channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
             dw = dw.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        if has_bias and ctx.needs_input_grad[2]:
-            dbias = grad.sum((0, 2, 3))
-        return dx, dw, dbias, None, None
+        return dx, dw, dbias, None, None, None
 
 
 class Conv2d(nn.Conv2d):
-    """``torch.nn.Conv2d`` with the unfolded weight gradient for small output maps on the CPU (module doc)."""
+    """``torch.nn.Conv2d`` with matrix-product passes for small output maps on the CPU (module doc)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._small_map_path(x):
-            return _SmallMapConv.apply(x, self.weight, self.bias, self.stride, self.padding)
+        path = self._small_map_path(x)
+        if path:
+            return _SmallMapConv.apply(x, self.weight, self.bias, self.stride, self.padding, path == "taps")
         return super().forward(x)
 
-    def _small_map_path(self, x: torch.Tensor) -> bool:
+    def _small_map_path(self, x: torch.Tensor) -> str | None:
+        """"taps", "unfolded" or None (torch.nn.Conv2d's own)."""
         if not (torch.is_grad_enabled() and self.weight.requires_grad and x.device.type == "cpu" and x.dim() == 4):
-            return False
+            return None
         if torch.jit.is_tracing() or torch.jit.is_scripting():  # exporters see the plain convolution
-            return False
+            return None
         if (x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype
                 or torch.is_autocast_enabled("cpu")):
-            return False
+            return None
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return False
+            return None
         (h, w), (kh, kw) = x.shape[-2:], self.kernel_size
         ho = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
-        return unfolds_weight_grad(ho * wo, self.out_channels)
+        if not (ho > 0 and wo > 0 and unfolds_weight_grad(ho * wo, self.out_channels)):
+            return None
+        return "taps" if by_taps(ho * wo, kh * kw) else "unfolded"
