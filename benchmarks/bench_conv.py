@@ -125,7 +125,7 @@ def main():
             times = time_layer(shape, device)
             positions = shape["out_map"][0] * shape["out_map"][1]
             unfolded = conv.unfolds_weight_grad(positions, shape["out_channels"])
-            taps = unfolded and conv.by_taps(shape["in"][2] * shape["in"][3], shape["kernel"][0] * shape["kernel"][1])
+            taps = unfolded and conv.by_taps(positions, shape["kernel"][0] * shape["kernel"][1])
             row = {"part": "layer", "batch": batch, "image_size": size, **shape, "times_ms": times,
                    "used": "taps" if taps else "unfolded" if unfolded else "onednn",
                    "weight_grad_speedup": times["weight_grad_onednn"] / times["weight_grad_unfolded"]}
