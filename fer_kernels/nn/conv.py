@@ -17,7 +17,8 @@ maps is most of the work: a 3x3 kernel over a 2 x 2 map joins 16 pairs where im2
 
 The paths are taken only where they are exact and measured: on the CPU, float32 or float64 without
 autocast, zero padding, no dilation, no groups, and when gradients are being recorded; everything else is
-``torch.nn.Conv2d`` itself, and parameters and state-dict keys are Conv2d's. FER_KERNELS_SMALL_MAP=0 in
+``torch.nn.Conv2d`` itself, and parameters and state-dict keys are Conv2d's. Under torch.compile the
+products by tap are left out (their non-finite guard is a data-dependent branch). FER_KERNELS_SMALL_MAP=0 in
 the environment (read at import) turns both off; another number sets the largest map they serve.
 """
 
@@ -221,4 +222,7 @@ class Conv2d(nn.Conv2d):
         wo = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
         if not (ho > 0 and wo > 0 and unfolds_weight_grad(ho * wo, self.out_channels)):
             return None
-        return "taps" if by_taps(ho * wo, kh * kw) else "unfolded"
+        # Under torch.compile the products by taps are left out: their guard against non-finite weights
+        # (_SmallMapConv.forward) is a data-dependent branch, which would break the graph.
+        taps = by_taps(ho * wo, kh * kw) and not torch.compiler.is_compiling()
+        return "taps" if taps else "unfolded"
