@@ -33,8 +33,10 @@ def test_same_keys_and_outputs_as_torchvision(name):
     ours = BUILDERS[name](num_classes=1000, act="relu", booster=None).eval()
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(ours(x), theirs(x))
+    # float64: with gradients on, Conv2d computes stage 4's 2 x 2 maps at 64 px by tap, which rounds differently
+    # from oneDNN; in float64 that is far below the tolerance, and any architectural difference is not
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    torch.testing.assert_close(ours.double()(x), theirs.double()(x))
 
 
 @pytest.mark.parametrize("name", BUILDERS)
