@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv2d", "SMALL_MAP", "conv2d_weight_grad"]
+__all__ = ["Conv2d", "SMALL_MAP", "TAP_MAP", "conv2d_by_taps", "conv2d_weight_grad"]
 
 # Output positions (Ho x Wo) up to which the unfolded weight gradient may be used; it is used where the map
 # also has no more positions than the layer has output channels (unfolds_weight_grad). Measured on 2 AVX2
-# cores (benchmarks/results/cpu-amd-epyc-conv.json): 1.0-12x as fast as oneDNN's on every such layer of
-# ResNet-18 at 48 and 224 px (the 512-channel 3x3 on 2 x 2 at 48 px: 8 ms against 98 ms), and slower where
+# cores (benchmarks/results/cpu-amd-epyc-conv.json): 1.1-8.6x as fast as oneDNN's on every such layer of
+# ResNet-18 at 48 and 224 px (the 512-channel 3x3 on 2 x 2 at 48 px: 7.6 ms against 65 ms, oneDNN's taking
+# 98-114 ms in other runs; below 1x on single layers in some runs), and slower where
 # the map outgrows the channels (0.69x on the 64-channel 12 x 12 at 48 px; on the 28 x 28 maps at 224 px
 # the two traded places between runs): copying the unfolded input then costs more than the product saves.
 SMALL_MAP = 196
@@ -180,7 +181,7 @@ class _SmallMapConv(torch.autograd.Function):
         stride, padding, has_bias, taps = ctx.conv
         dx = dw = dbias = None
         taps = taps and math.isfinite(grad.sum())  # the same for padding times a non-finite gradient
-        if taps:
+        if taps and any(ctx.needs_input_grad[:2]):
             dx, dw = conv2d_by_taps_backward(grad, x, weight, stride, padding, *ctx.needs_input_grad[:2])
         if has_bias and ctx.needs_input_grad[2]:
             dbias = grad.sum((0, 2, 3))
@@ -192,8 +193,7 @@ class _SmallMapConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw = conv2d_weight_grad(grad, x, weight.shape, stride, padding)
             # the parameter's own layout, so that gradient accumulation needs no reordering copy
-            channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-            dw = dw.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            dw = dw.contiguous(memory_format=torch.channels_last if _channels_last(weight) else torch.contiguous_format)
         return dx, dw, dbias, None, None, None
 
 
