@@ -2,8 +2,8 @@
 
 layers: every distinct 3x3 / 1x1 convolution of ResNet-18 + ABP at 48 px (batch 32) and 224 px (batch 8),
 channels_last float32: oneDNN's forward, input gradient and weight gradient, the unfolded weight gradient
-(im2col + one matrix product) and, on maps of at most 3 x 3 under a larger kernel, the products by kernel
-tap (forward; both gradients in one pass), median ms. `used` is what the model takes there
+(im2col + one matrix product) and, on input maps of at most 3 x 3 under kernels larger than 1 x 1, the
+products by kernel tap (forward; both gradients in one pass), median ms. `used` is what the model takes there
 (fer_kernels.nn.conv.by_taps and unfolds_weight_grad), so the rows show where the limits sit.
 step: one training step (forward, cross-entropy, backward, fused Ranger) of the whole model as it is
 ("default"), without the products by taps ("unfolded") and with oneDNN everywhere ("onednn"), the three
@@ -115,8 +115,8 @@ def main():
     results = common.Results("conv", device, args, measure_copy=False, notes=[
         "layers: channels_last float32, median ms of each pass; used = what the model takes: unfolded weight "
         "gradient where the output map has at most as many positions as output channels, and at most "
-        f"SMALL_MAP = {conv.SMALL_MAP}; of those, everything by taps where the input map has at most "
-        f"TAP_MAP = {conv.TAP_MAP} positions and fewer than the kernel has taps; taps_speedup: forward + input "
+        f"SMALL_MAP = {conv.SMALL_MAP}; of those, everything by taps where the output map has at most "
+        f"TAP_MAP = {conv.TAP_MAP} positions and the kernel is larger than 1 x 1; taps_speedup: forward + input "
         "gradient + unfolded weight gradient against forward + both gradients by taps",
         f"step: ResNet-18 + Mish + ABP, forward, cross-entropy, backward, fused Ranger; median of {steps} steps "
         "per variant, the variants taking turns"])
