@@ -111,14 +111,15 @@ class RunLog:
             self._board.close()
 
 
-def _weight_gradient(device) -> str:
-    """Which convolution weight gradient the CPU uses on small maps (fer_kernels.nn.conv)."""
+def _small_map_convolutions(device) -> str:
+    """How the CPU computes convolutions on small maps (fer_kernels.nn.conv)."""
     if device.type != "cpu":
         return ""
     from fer_kernels.nn import conv
-    return (f"; conv weight gradient unfolded on maps of at most min({conv.SMALL_MAP}, output channels) positions"
-            if conv.SMALL_MAP > 0
-            else "; conv weight gradient oneDNN")
+    if conv.SMALL_MAP <= 0:
+        return "; conv weight gradient oneDNN"
+    taps = f", every pass by kernel tap on maps of at most {conv.TAP_MAP} positions" if conv.TAP_MAP > 0 else ""
+    return f"; conv weight gradient unfolded on maps of at most min({conv.SMALL_MAP}, output channels) positions{taps}"
 
 
 def describe(trainer) -> str:
@@ -133,7 +134,7 @@ def describe(trainer) -> str:
             f"processes){f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
             f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend}; "
             f"{c.data.image_size} px; freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}"
-            f"{_weight_gradient(trainer.device)}\n"
+            f"{_small_map_convolutions(trainer.device)}\n"
             f"training data:\n{sets}\n"
             f"{f'class-balanced sampling, power {c.data.class_balance}; ' if c.data.class_balance else ''}"
             f"class weights ({c.data.class_weights}): "
