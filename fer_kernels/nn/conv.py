@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fer_kernels.ops._layout import in_format, is_channels_last, tail_format
+
 __all__ = ["Conv2d", "SMALL_MAP", "TAP_MAP", "conv2d_by_taps", "conv2d_weight_grad"]
 
 # Output positions (Ho x Wo) up to which the unfolded weight gradient may be used; it is used where the map
@@ -97,7 +99,7 @@ def tap_pairs(in_size: tuple, kernel: tuple, stride: tuple, padding: tuple) -> t
     flat output positions q, the flat input positions p) of every pair it joins: p = q * stride - padding
     + (i, j). Taps that fall on padding alone are left out, and so is every padding position."""
     (h, w), (kh, kw), (sh, sw), (ph, pw) = in_size, kernel, stride, padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    ho, wo = _output_size(in_size, kernel, stride, padding)
     taps = []
     for i in range(kh):
         for j in range(kw):
@@ -108,13 +110,20 @@ def tap_pairs(in_size: tuple, kernel: tuple, stride: tuple, padding: tuple) -> t
     return (ho, wo), tuple(taps)
 
 
+def _output_size(in_size, kernel, stride, padding) -> tuple[int, int]:
+    """Ho, Wo of a convolution without dilation (either may be <= 0 for a kernel larger than the padded map)."""
+    return tuple((size + 2 * pad - k) // step + 1 for size, k, step, pad in zip(in_size, kernel, stride, padding))
+
+
+def _by_tap(weight: torch.Tensor) -> torch.Tensor:
+    """K x C x kh x kw -> (kh * kw) x K x C: a view for a channels-last weight, else one copy."""
+    k, c, kh, kw = weight.shape
+    return weight.permute(2, 3, 0, 1).reshape(kh * kw, k, c)
+
+
 def _by_position(t: torch.Tensor) -> torch.Tensor:
     """N x C x H x W -> (H * W) x N x C, one small copy: each position's N x C matrix contiguous."""
     return t.permute(2, 3, 0, 1).reshape(t.shape[2] * t.shape[3], t.shape[0], t.shape[1])
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) -> torch.Tensor:
@@ -126,13 +135,13 @@ def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding)
     k, _, kh, kw = weight.shape
     (ho, wo), taps = tap_pairs((h, w), (kh, kw), tuple(stride), tuple(padding))
     xs = _by_position(x)
-    wt = weight.permute(2, 3, 0, 1).reshape(kh * kw, k, c)  # a view for a channels-last weight
+    wt = _by_tap(weight)
     acc = (bias.expand(ho * wo, n, k).clone() if bias is not None else x.new_zeros(ho * wo, n, k))
     for tap, q, p in taps:
         acc.index_add_(0, q, torch.mm(xs[p].view(-1, c), wt[tap].t()).view(len(q), n, k))
     out = acc.view(ho, wo, n, k).permute(2, 3, 0, 1)
-    channels_last = _channels_last(x) or _channels_last(weight)
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return in_format(out, torch.channels_last if is_channels_last(x) or is_channels_last(weight)
+                     else torch.contiguous_format)
 
 
 def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding,
@@ -144,7 +153,7 @@ def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     k, _, kh, kw = weight.shape
     _, taps = tap_pairs((h, w), (kh, kw), tuple(stride), tuple(padding))
     xs, gs = _by_position(x), _by_position(grad)
-    wt = weight.permute(2, 3, 0, 1).reshape(kh * kw, k, c)
+    wt = _by_tap(weight)
     dxs = x.new_zeros(h * w, n, c) if need_input else None
     dwt = x.new_zeros(kh * kw, k, c) if need_weight else None
     for tap, q, p in taps:
@@ -156,10 +165,10 @@ def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dx = dw = None
     if need_input:
         dx = dxs.view(h, w, n, c).permute(2, 3, 0, 1)
-        dx = dx.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+        dx = in_format(dx, tail_format(x))
     if need_weight:
         dw = dwt.view(kh, kw, k, c).permute(2, 3, 0, 1)
-        dw = dw.contiguous(memory_format=torch.channels_last if _channels_last(weight) else torch.contiguous_format)
+        dw = in_format(dw, tail_format(weight))
     return dx, dw
 
 
@@ -193,7 +202,7 @@ class _SmallMapConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw = conv2d_weight_grad(grad, x, weight.shape, stride, padding)
             # the parameter's own layout, so that gradient accumulation needs no reordering copy
-            dw = dw.contiguous(memory_format=torch.channels_last if _channels_last(weight) else torch.contiguous_format)
+            dw = in_format(dw, tail_format(weight))
         return dx, dw, dbias, None, None, None
 
 
@@ -217,9 +226,8 @@ class Conv2d(nn.Conv2d):
             return None
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return None
-        (h, w), (kh, kw) = x.shape[-2:], self.kernel_size
-        ho = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        kh, kw = self.kernel_size
+        ho, wo = _output_size(x.shape[-2:], self.kernel_size, self.stride, self.padding)
         if not (ho > 0 and wo > 0 and unfolds_weight_grad(ho * wo, self.out_channels)):
             return None
         # Under torch.compile the products by taps are left out: their guard against non-finite weights
