@@ -137,7 +137,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # no class weights but class-balanced sampling at power 0.5 (rare classes drawn more often: in a controlled
     # pair it raised macro-F1 from 0.367 to 0.513, benchmarks/results/ferplus-class-balance/), lr 3e-3 (the
     # paper's 1e-3 is for 60,000 steps of 256), no FMix (in a 15-minute pair it cost 4.0 points of accuracy:
-    # mixing pays over the paper's long runs, not over ten epochs; benchmarks/results/ferplus-screening/),
+    # mixing pays over the paper's long runs, not over ten epochs; benchmarks/results/ferplus-fmix/),
     # the run's length set by the clock.
     # benchmarks/results/ferplus-cpu-1h/ holds a run of it and what it reached.
     "ferplus-cpu-1h": ("ResNet-18 + Mish + ABP on FERPlus in 60 minutes of wall time on a CPU (needs --ferplus)",
