@@ -49,6 +49,7 @@ SETTINGS = {
     "default": ("the engine's default (train.amp=auto: bf16 where the CPU has it natively)", []),
     "nchw": ("the default with NCHW instead of channels_last", ["train.channels_last=false"]),
     "compile": ("the default with torch.compile of the model", ["train.compile=true"]),
+    "no-fmix": ("the default without FMix (as the ferplus-cpu-1h preset trains)", ["data.fmix=false"]),
     "torch-pipeline": ("the default with the PyTorch pipeline instead of DALI", ["data.backend=torch"]),
     "1-worker": ("the default with 1 data worker", ["data.workers=1"]),
     "1-thread": ("the default with 1 intra-op thread (OMP_NUM_THREADS=1)", []),
@@ -166,7 +167,7 @@ def engine_part(args, device):
     steps = 12 if args.quick else args.steps
     notes = ["each setting in a fresh `python -m fer_train train` process; images_per_s: median of the engine's "
              "per-window rates (metrics.jsonl) after the first window", f"{steps} steps per setting",
-             "model resnet18 + mish + abp, Ranger + GC, FMix, no class weights"]
+             "model resnet18 + mish + abp, Ranger + GC, FMix unless the setting says otherwise, no class weights"]
     results = common.Results("engine", device, args, notes, measure_copy=False)
     with tempfile.TemporaryDirectory() as scratch:
         data = args.ferplus or drawn_ferplus(Path(scratch) / "ferplus", 256 if args.quick else 2048)
