@@ -15,9 +15,14 @@ in metrics.jsonl after the first window (warm-up). "before" is what the engine d
 existed (float32, freed memory returned to the kernel). The data: FERPlus by path (--ferplus), else a
 FERPlus-layout folder of drawn faces written to a temporary folder. Writes <device>-engine.json.
 
+against (not in the default parts): the default engine of this tree and of a checkout of another commit
+(--against, its extension built in place), taking turns for --rounds rounds; writes
+<device>-engine-against.json with the ratio of the two.
+
     python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--parts step,engine]
         step:   [--models resnet18,resnet50] [--compile both|yes|no] [--batch N] [--image-size 224]
         engine: [--ferplus DIR] [--steps 120] [--settings NAME,...] [--sizes 48,224]
+        against: --against CHECKOUT [--rounds 3] [--ferplus DIR] [--steps 120] [--sizes 48,224]
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ def _arguments(p):
     p.add_argument("--steps", type=int, default=120, help="engine part: steps per setting (the first window warms up)")
     p.add_argument("--settings", type=lambda s: s.split(","), default=list(SETTINGS))
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[size for _, size in ENGINE_ROWS])
+    p.add_argument("--against", type=Path, metavar="CHECKOUT",
+                   help="against part: a checkout of another commit, its extension built in place")
+    p.add_argument("--rounds", type=int, default=3, help="against part: runs of each side, taking turns")
 
 
 def make_step(arch: str, fused: bool, compiled: bool, batch: int, size: int, device: torch.device):
@@ -118,18 +126,22 @@ def drawn_ferplus(folder: Path, images: int = 2048) -> Path:
     return folder
 
 
-def run_setting(name: str, batch: int, size: int, steps: int, data: Path, out: Path, device: str) -> dict:
-    extra = SETTINGS[name][1]
+def run_setting(name: str, batch: int, size: int, steps: int, data: Path, out: Path, device: str,
+                checkout: Path = ROOT) -> dict:
+    """One `python -m fer_train train` of `steps` steps with setting `name`, run from `checkout` (another
+    commit's tree for the against part: only settings every version knows are passed there)."""
+    extra = SETTINGS[name][1] if checkout == ROOT else []
     log_every = max(steps // 6, 5)
     command = [sys.executable, "-m", "fer_train", "train", "--ferplus", str(data), "--steps", str(steps),
                "--batch-size", str(batch), "--image-size", str(size), "--device", device, "--out", str(out),
                "--overwrite", "--set", f"train.log_every={log_every}", "--set", f"train.eval_every={10 * steps}",
                "--set", f"train.checkpoint_every={10 * steps}", "--set", "data.class_weights=none",
-               "--set", "train.tta_report=false", *[f"--set={s}" for s in extra]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(common.CPU_THREADS), **SETTING_ENV.get(name, {})}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600)
+               *(["--set", "train.tta_report=false"] if checkout == ROOT else []), *[f"--set={s}" for s in extra]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(common.CPU_THREADS), **SETTING_ENV.get(name, {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, cwd=checkout, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
-        raise RuntimeError(f"{name}: the run failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{name} ({checkout}): the run failed:\n{result.stderr[-3000:]}")
     rates = [r["images_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "images_per_s" in r]
     kept = rates[1:] or rates
@@ -181,6 +193,44 @@ def engine_part(args, device):
     results.finish()
 
 
+def against_part(args, device):
+    """The default engine of this tree and of another commit's checkout (--against), taking turns, so that
+    a machine whose speed drifts between runs (shared hosts do, by 15 % or more within minutes) hits both
+    alike; a speed-up claimed against an earlier commit comes from this, not from files of other days."""
+    if args.against is None:
+        raise SystemExit("bench_train.py: the against part needs --against CHECKOUT")
+    checkout = args.against.resolve()
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    steps = 12 if args.quick else args.steps
+    notes = [f"the default engine here and at {commit.stdout.strip() or checkout.name} (its own defaults), "
+             f"{args.rounds} runs of each taking turns, {steps} steps per run; images_per_s of a run: median of "
+             "its per-window rates after the first window; ratio: median over rounds of here / there",
+             "model resnet18 + mish + abp, Ranger + GC, FMix, no class weights"]
+    results = common.Results("engine-against", device, args, notes, measure_copy=False)
+    results.env["against_commit"] = commit.stdout.strip() or None
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.ferplus or drawn_ferplus(Path(scratch) / "ferplus", 256 if args.quick else 2048)
+        results.env["data"] = "FERPlus FER2013Train" if args.ferplus else "drawn faces in the FERPlus layout"
+        for batch, size in [(b, s) for b, s in ENGINE_ROWS if s in args.sizes]:
+            pairs = []
+            for round_ in range(args.rounds):
+                pair = {}
+                for side, tree in (("there", checkout), ("here", ROOT)):
+                    row = run_setting("default", batch, size, steps, data, Path(scratch) / "run", device.type,
+                                      checkout=tree)
+                    pair[side] = row["images_per_s"]
+                    results.append({**row, "side": side, "round": round_})
+                    print(f"{size:>3} px batch {batch:<3} round {round_} {side:<5} {row['images_per_s']:8.1f} images/s",
+                          flush=True)
+                pairs.append(pair)
+            ratio = statistics.median(p["here"] / p["there"] for p in pairs)
+            results.append({"image_size": size, "batch": batch, "ratio_here_to_there": ratio,
+                            "here_images_per_s": statistics.median(p["here"] for p in pairs),
+                            "there_images_per_s": statistics.median(p["there"] for p in pairs)})
+            print(f"{size:>3} px batch {batch:<3} here / there: {ratio:.2f}x", flush=True)
+    results.finish()
+
+
 def main():
     args = common.parse_args(__doc__.split("\n")[0], _arguments, dtypes=False)
     device = common.setup(args.device)
@@ -188,6 +238,8 @@ def main():
         step_part(args, device)
     if "engine" in args.parts:
         engine_part(args, device)
+    if "against" in args.parts:
+        against_part(args, device)
 
 
 if __name__ == "__main__":
