@@ -197,8 +197,11 @@ def against_part(args, device):
     """The default engine of this tree and of another commit's checkout (--against), taking turns, so that
     a machine whose speed drifts between runs (shared hosts do, by 15 % or more within minutes) hits both
     alike; a speed-up claimed against an earlier commit comes from this, not from files of other days."""
-    if args.against is None:
-        raise SystemExit("bench_train.py: the against part needs --against CHECKOUT")
+    if args.against is None or not (args.against / "fer_train").is_dir():
+        raise SystemExit(f"bench_train.py: the against part needs --against CHECKOUT, a checkout of this project "
+                         f"(got {args.against})")
+    if args.rounds < 1:
+        raise SystemExit(f"bench_train.py: --rounds must be at least 1, got {args.rounds}")
     checkout = args.against.resolve()
     commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
     steps = 12 if args.quick else args.steps
