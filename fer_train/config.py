@@ -136,8 +136,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # the vote distributions as targets (FERPlus's best training mode; evaluation stays on the majority labels),
     # no class weights but class-balanced sampling at power 0.5 (rare classes drawn more often: in a controlled
     # pair it raised macro-F1 from 0.367 to 0.513, benchmarks/results/ferplus-class-balance/), lr 3e-3 (the
-    # paper's 1e-3 is for 60,000 steps of 256), no FMix (in a 15-minute pair it cost 4.0 points of accuracy:
-    # mixing pays over the paper's long runs, not over ten epochs; benchmarks/results/ferplus-fmix/),
+    # paper's 1e-3 is for 60,000 steps of 256), no FMix (in a 15-minute pair, two epochs, it cost 4.0 points of
+    # accuracy: the paper's mixing is for its 60,000 steps; benchmarks/results/ferplus-fmix/),
     # the run's length set by the clock.
     # benchmarks/results/ferplus-cpu-1h/ holds a run of it and what it reached.
     "ferplus-cpu-1h": ("ResNet-18 + Mish + ABP on FERPlus in 60 minutes of wall time on a CPU (needs --ferplus)",
