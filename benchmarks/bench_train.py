@@ -175,6 +175,17 @@ def step_part(args, device):
 
 
 
+def engine_data(args, scratch: Path, results) -> Path:
+    """The FERPlus folder the engine runs train on (--ferplus, else drawn faces under scratch), named in results."""
+    results.env["data"] = "FERPlus FER2013Train" if args.ferplus else "drawn faces in the FERPlus layout"
+    return args.ferplus or drawn_ferplus(scratch / "ferplus", 256 if args.quick else 2048)
+
+
+def engine_rows(args) -> list[tuple[int, int]]:
+    """(batch, image size) of the ENGINE_ROWS that --sizes asks for."""
+    return [(batch, size) for batch, size in ENGINE_ROWS if size in args.sizes]
+
+
 def engine_part(args, device):
     steps = 12 if args.quick else args.steps
     notes = ["each setting in a fresh `python -m fer_train train` process; images_per_s: median of the engine's "
@@ -182,9 +193,8 @@ def engine_part(args, device):
              "model resnet18 + mish + abp, Ranger + GC, FMix unless the setting says otherwise, no class weights"]
     results = common.Results("engine", device, args, notes, measure_copy=False)
     with tempfile.TemporaryDirectory() as scratch:
-        data = args.ferplus or drawn_ferplus(Path(scratch) / "ferplus", 256 if args.quick else 2048)
-        results.env["data"] = "FERPlus FER2013Train" if args.ferplus else "drawn faces in the FERPlus layout"
-        for batch, size in [(b, s) for b, s in ENGINE_ROWS if s in args.sizes]:
+        data = engine_data(args, Path(scratch), results)
+        for batch, size in engine_rows(args):
             for name in args.settings:
                 row = run_setting(name, batch, size, steps, data, Path(scratch) / "run", device.type)
                 results.append(row)
@@ -203,18 +213,18 @@ def against_part(args, device):
     if args.rounds < 1:
         raise SystemExit(f"bench_train.py: --rounds must be at least 1, got {args.rounds}")
     checkout = args.against.resolve()
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
     steps = 12 if args.quick else args.steps
-    notes = [f"the default engine here and at {commit.stdout.strip() or checkout.name} (its own defaults), "
+    notes = [f"the default engine here and at {commit or checkout.name} (its own defaults), "
              f"{args.rounds} runs of each taking turns, {steps} steps per run; images_per_s of a run: median of "
              "its per-window rates after the first window; ratio: median over rounds of here / there",
              "model resnet18 + mish + abp, Ranger + GC, FMix, no class weights"]
     results = common.Results("engine-against", device, args, notes, measure_copy=False)
-    results.env["against_commit"] = commit.stdout.strip() or None
+    results.env["against_commit"] = commit
     with tempfile.TemporaryDirectory() as scratch:
-        data = args.ferplus or drawn_ferplus(Path(scratch) / "ferplus", 256 if args.quick else 2048)
-        results.env["data"] = "FERPlus FER2013Train" if args.ferplus else "drawn faces in the FERPlus layout"
-        for batch, size in [(b, s) for b, s in ENGINE_ROWS if s in args.sizes]:
+        data = engine_data(args, Path(scratch), results)
+        for batch, size in engine_rows(args):
             pairs = []
             for round_ in range(args.rounds):
                 pair = {}
