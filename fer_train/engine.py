@@ -43,7 +43,7 @@ from fer_train.factories import amp_dtype, build_ema, build_model, build_optimiz
 from fer_train.host import keep_freed_memory
 from fer_train.model_card import write_model_card
 from fer_train.recipe.fmix import FMix, fmix_loss
-from fer_train.recipe.schedule import lr_factor
+from fer_train.recipe.schedule import lr_factor, stretch_decay
 from fer_train.reports import evaluate_and_report
 from fer_train.run_data import open_run_data
 from fer_train.runlog import RunLog, describe
@@ -99,6 +99,7 @@ class Trainer:
                                    rank=self.dist.rank, world=self.dist.world, num_workers=d.workers,
                                    channels_last=t.channels_last, timeout=d.timeout, class_balance=d.class_balance)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
+        self.decay_from: float | None = None  # where the rate's fall starts once a time budget moved the end
         self._elapsed_before, self._session_start = 0.0, time.perf_counter()  # wall time of earlier sessions
         self.last_good: str | None = None  # the newest checkpoint, which was checked to hold finite weights
         if resume is not None:
@@ -129,7 +130,7 @@ class Trainer:
             config=self.config.to_dict(), step=self.step, model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), data=self.loader.state_dict(),
             best=dict(self.best), ema=self.ema.state_dict() if self.ema is not None else None,
-            elapsed=self.elapsed_seconds(),
+            elapsed=self.elapsed_seconds(), decay_from=self.decay_from,
             rng={"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
 
@@ -148,6 +149,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
         self.step, self.best = int(state["step"]), dict(state["best"])
+        self.decay_from = state.get("decay_from")
         self._elapsed_before = float(state.get("elapsed", 0.0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -222,8 +224,8 @@ class Trainer:
                 loss = self._loss(self.net(images), targets) / self.accumulation
             self.scaler.scale(loss).backward() if self.scaler.is_enabled() else loss.backward()
             total += loss.detach()
-        factor = lr_factor(self.step, self.config.train.steps, self.config.optim.schedule,
-                           self.config.optim.flat_fraction)
+        o = self.config.optim
+        factor = lr_factor(self.step, self.config.train.steps, o.schedule, o.flat_fraction, self.decay_from)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.optim.lr * factor
         if self.scaler.is_enabled():
@@ -263,7 +265,8 @@ class Trainer:
         {"stopped": None or the reason, "step": ..., "results": final test EvalResults, "best": ...}."""
         t = self.config.train
         self.log.message(describe(self))
-        restore_signals = self._handle_signals() if self._is_main_thread() else (lambda: None)
+        main_thread = threading.current_thread() is threading.main_thread()
+        restore_signals = self._handle_signals() if main_thread else (lambda: None)
         batches, stopped = self._batches(), None
         session_start, window_start, window_steps = self.step, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
@@ -314,10 +317,10 @@ class Trainer:
 
     def _follow_budget(self, budget: Budget, step_seconds: list, session_start: int) -> bool:
         """Sets the run's length once a step and an evaluation pass have been timed (returns True then: the
-        evaluation it ran is not training time), sets it again from the recent steps while the learning rate
-        is still flat (the first steps are slower than the run's: caches, the allocator, the input workers
-        filling their queues), and ends training early when time runs short."""
-        t, o = self.config.train, self.config.optim
+        evaluation it ran is not training time), sets it again from the recent steps at every log step (the
+        first steps are slower than the run's: caches, the allocator, the input workers filling their queues;
+        and the machine's speed drifts), and ends training early when time runs short."""
+        t = self.config.train
         if budget.step_seconds is None:
             if len(step_seconds) <= MEASURE_STEPS:  # the first step warms caches up and is not counted
                 return False
@@ -328,8 +331,7 @@ class Trainer:
                 eval_seconds / max(sum(len(d) for d in self.data.validation.values()), 1)))
             self._set_length(budget, step_seconds[1:], f"(was {t.steps})")
             return True
-        flat_until = {"flat_cosine": int(t.steps * o.flat_fraction), "cosine": 0}.get(o.schedule, t.steps)
-        if self.step % t.log_every == 0 and self.step < flat_until:  # a new length changes no rate used so far
+        if self.step % t.log_every == 0:
             self._set_length(budget, step_seconds[-REPLAN_WINDOW:], "(set again from the recent steps)")
         # with several processes every rank must stop at the same step: rank 0 decides, at log steps
         check = self.dist.world == 1 or self.step % t.log_every == 0
@@ -353,6 +355,8 @@ class Trainer:
         if abs(total - t.steps) > 0.01 * t.steps:  # said when it matters, not at every small change
             self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
                              f"evaluation: {total} steps {why}")
+        o = self.config.optim  # the rates used so far and the next one stay; the fall ends at the new end
+        self.decay_from = stretch_decay(self.step, t.steps, total, o.schedule, o.flat_fraction, self.decay_from)
         t.steps = self.log.total = total  # the cosine part of the schedule ends at the planned last step
 
     def _from_rank0(self, value):
@@ -362,10 +366,6 @@ class Trainer:
         shared = [value]
         dist.broadcast_object_list(shared, src=0)
         return shared[0]
-
-    @staticmethod
-    def _is_main_thread() -> bool:
-        return threading.current_thread() is threading.main_thread()
 
     # --- evaluation ----------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ stem."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from fer_train import budget, checkpoint
 from fer_train.cli import main
 from fer_train.recipe.fmix import fmix_loss
+from fer_train.recipe.schedule import lr_factor, stretch_decay
 from helpers import TINY
 
 RUN = ["--batch-size", "4", *TINY]
@@ -22,7 +24,7 @@ RUN = ["--batch-size", "4", *TINY]
 def test_budget_plan_leaves_time_for_evaluations_and_the_end():
     plan = budget.Budget(seconds=1000.0, start=time.perf_counter() - 100.0)  # 100 s already spent
     total = plan.plan(step=20, step_seconds=0.5, eval_seconds=10.0, eval_every=100, final_seconds=50.0, upper=10**6)
-    left = budget.SAFETY * 1000 - 100 - (50.0 + budget.FINAL_FIXED_S)
+    left = budget.SAFETY * (1000 - 100 - (50.0 + budget.FINAL_FIXED_S))
     assert abs((total - 20) - left / (0.5 + 10.0 / 100)) <= 1  # the clock moves on a little meanwhile
     assert plan.plan(step=20, step_seconds=0.5, eval_seconds=10.0, eval_every=100, final_seconds=50.0, upper=500) == 500
     assert not plan.exhausted()
@@ -71,6 +73,48 @@ def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(
              if "(set again from the recent steps)" in line]
     assert again and again[0] > first, out[-2000:]
     assert checkpoint.load(run / "last.pt")["step"] > first
+
+
+def test_a_length_set_again_while_the_rate_falls_keeps_the_rates_and_still_ends_at_zero():
+    rate = lambda step, total, start=None: lr_factor(step, total, "flat_cosine", 0.5, start)  # noqa: E731
+    start = stretch_decay(700, 1000, 1200, "flat_cosine", 0.5)  # 200 steps into a fall of 500, now 1200 long
+    assert rate(700, 1200, start) == pytest.approx(rate(700, 1000), rel=1e-12)
+    stretched = [rate(step, 1200, start) for step in range(700, 1200)]
+    assert all(a > b for a, b in zip(stretched, stretched[1:])) and stretched[-1] < 1e-4
+    shorter = stretch_decay(900, 1200, 1000, "flat_cosine", 0.5, start)  # and again, shorter
+    assert rate(900, 1000, shorter) == pytest.approx(rate(900, 1200, start), rel=1e-12)
+    assert rate(999, 1000, shorter) < 1e-4 < rate(999, 1200, start)
+    # while flat, the fall moves with the length; a fall the shorter run would have begun begins now
+    assert stretch_decay(300, 1000, 900, "flat_cosine", 0.5) is None
+    assert stretch_decay(300, 1000, 500, "flat_cosine", 0.5) == 300 and rate(300, 500, 300.0) == 1.0
+    assert stretch_decay(300, 1000, 500, "constant", 0.5) is None
+
+
+def test_a_time_budget_sets_the_length_again_while_the_rate_falls(tmp_path, monkeypatch, capsys):
+    """With a cosine schedule the rate falls from the first step; the length is set again from the recent
+    (here: faster than the first) steps all the same, the logged rate never rises, and it ends near 0."""
+    from fer_train import engine
+
+    monkeypatch.setattr(engine, "MEASURE_STEPS", 3)
+    monkeypatch.setattr(engine, "REPLAN_WINDOW", 3)
+    monkeypatch.setattr(budget, "FINAL_FIXED_S", 2.0)
+    follow_budget = engine.Trainer._follow_budget
+
+    def slow_at_first(self, plan, step_seconds, session_start):
+        if len(step_seconds) <= 4:
+            step_seconds[-1] += 1.0
+        return follow_budget(self, plan, step_seconds, session_start)
+
+    monkeypatch.setattr(engine.Trainer, "_follow_budget", slow_at_first)
+    run = tmp_path / "run"
+    assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
+                 "--set", "optim.schedule=cosine", "--set", "train.eval_every=1000000",
+                 "--set", "train.checkpoint_every=1000000"]) == 0
+    assert "(set again from the recent steps)" in capsys.readouterr().out
+    rates = [row["lr"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in row]
+    assert all(a >= b for a, b in zip(rates, rates[1:])), rates
+    state = checkpoint.load(run / "last.pt")
+    assert state["decay_from"] is not None and rates[-1] < 0.2 * rates[0]
 
 
 def test_soft_label_loss_is_the_cross_entropy_on_the_distributions():
