@@ -265,12 +265,13 @@ class Trainer:
         {"stopped": None or the reason, "step": ..., "results": final test EvalResults, "best": ...}."""
         t = self.config.train
         self.log.message(describe(self))
-        main_thread = threading.current_thread() is threading.main_thread()
-        restore_signals = self._handle_signals() if main_thread else (lambda: None)
+        in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+        restore_signals = self._handle_signals() if in_main else (lambda: None)
         batches, stopped = self._batches(), None
         session_start, window_start, window_steps = self.step, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
-        budget = Budget(parse_duration(t.time_budget), time.perf_counter()) if t.time_budget else None
+        started = time.perf_counter() - self._elapsed_before  # resumed: the whole run, all sessions, fits the budget
+        budget = Budget(parse_duration(t.time_budget), started) if t.time_budget else None
         self._upper_steps = t.steps  # a time budget sets the length, at most this
         step_seconds = []
         try:
@@ -347,7 +348,7 @@ class Trainer:
         return per_image * passes
 
     def _set_length(self, budget: Budget, recent: list, why: str) -> None:
-        t = self.config.train
+        t, o = self.config.train, self.config.optim
         measured = sorted(recent)[len(recent) // 2]
         eval_seconds, final_seconds = self._budget_eval
         total = self._from_rank0(budget.plan(self.step, measured, eval_seconds, t.eval_every, final_seconds,
@@ -355,9 +356,8 @@ class Trainer:
         if abs(total - t.steps) > 0.01 * t.steps:  # said when it matters, not at every small change
             self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
                              f"evaluation: {total} steps {why}")
-        o = self.config.optim  # the rates used so far and the next one stay; the fall ends at the new end
         self.decay_from = stretch_decay(self.step, t.steps, total, o.schedule, o.flat_fraction, self.decay_from)
-        t.steps = self.log.total = total  # the cosine part of the schedule ends at the planned last step
+        t.steps = self.log.total = total  # the rates used so far stay, and the next; the fall ends at the new end
 
     def _from_rank0(self, value):
         """Rank 0's value on every rank (the value itself in a single process)."""

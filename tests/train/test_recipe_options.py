@@ -46,6 +46,23 @@ def test_a_time_budget_stops_training_and_still_evaluates_and_writes_the_card(tm
     assert "synthetic test" in card and "time budget 40s" in card and (run / "summary.md").is_file()
 
 
+def test_a_resumed_run_counts_its_earlier_sessions_against_the_budget(tmp_path, monkeypatch):
+    """The first session used (as its checkpoint says) all but a second of a 10-minute budget: the resumed
+    one times a few steps, ends training and still evaluates and writes the card, instead of taking 10
+    minutes of its own."""
+    monkeypatch.setattr(budget, "MEASURE_STEPS", 3)
+    run = tmp_path / "run"
+    assert main(["--steps", "100000", "--time-budget", "10m", "--out", str(run), *RUN, "--stop-after", "2",
+                 "--set", "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000"]) == 0
+    state = checkpoint.load(run / "last.pt")
+    state["elapsed"] = 599.0
+    del state["path"]  # added by load
+    torch.save(state, run / "last.pt")
+    assert main(["train", "--resume", str(run)]) == 0
+    assert checkpoint.load(run / "last.pt")["step"] <= 2 + (budget.MEASURE_STEPS + 1) + 1
+    assert (run / "model-card.md").is_file()
+
+
 def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(tmp_path, monkeypatch, capsys):
     """The first steps seem slow (here: 1 s is added to the time of each of the first four, so the test does
     not depend on how busy the machine is); the length they give is set again from the recent steps at a
