@@ -33,7 +33,9 @@ def test_budget_plan_leaves_time_for_evaluations_and_the_end():
 
 
 def test_a_time_budget_stops_training_and_still_evaluates_and_writes_the_card(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget, "MEASURE_STEPS", 3)
+    from fer_train import engine
+
+    monkeypatch.setattr(engine, "MEASURE_STEPS", 3)
     run = tmp_path / "run"
     started = time.perf_counter()
     assert main(["--steps", "100000", "--time-budget", "40s", "--out", str(run), *RUN,
@@ -50,7 +52,9 @@ def test_a_resumed_run_counts_its_earlier_sessions_against_the_budget(tmp_path, 
     """The first session used (as its checkpoint says) all but a second of a 10-minute budget: the resumed
     one times a few steps, ends training and still evaluates and writes the card, instead of taking 10
     minutes of its own."""
-    monkeypatch.setattr(budget, "MEASURE_STEPS", 3)
+    from fer_train import engine
+
+    monkeypatch.setattr(engine, "MEASURE_STEPS", 3)
     run = tmp_path / "run"
     assert main(["--steps", "100000", "--time-budget", "10m", "--out", str(run), *RUN, "--stop-after", "2",
                  "--set", "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000"]) == 0
@@ -59,7 +63,7 @@ def test_a_resumed_run_counts_its_earlier_sessions_against_the_budget(tmp_path, 
     del state["path"]  # added by load
     torch.save(state, run / "last.pt")
     assert main(["train", "--resume", str(run)]) == 0
-    assert checkpoint.load(run / "last.pt")["step"] <= 2 + (budget.MEASURE_STEPS + 1) + 1
+    assert checkpoint.load(run / "last.pt")["step"] <= 2 + (engine.MEASURE_STEPS + 1) + 1
     assert (run / "model-card.md").is_file()
 
 
