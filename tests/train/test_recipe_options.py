@@ -67,10 +67,9 @@ def test_a_resumed_run_counts_its_earlier_sessions_against_the_budget(tmp_path, 
     assert (run / "model-card.md").is_file()
 
 
-def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(tmp_path, monkeypatch, capsys):
-    """The first steps seem slow (here: 1 s is added to the time of each of the first four, so the test does
-    not depend on how busy the machine is); the length they give is set again from the recent steps at a
-    later log step while the learning rate is flat, so the run uses its budget."""
+def _slow_first_steps(monkeypatch):
+    """The length is set after 3 timed steps and again from the last 3 at every log step; 1 s is added to the
+    time of each of the first four steps, so the first length is too short whatever the machine's load."""
     from fer_train import engine
 
     monkeypatch.setattr(engine, "MEASURE_STEPS", 3)
@@ -84,6 +83,13 @@ def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(
         return follow_budget(self, plan, step_seconds, session_start)
 
     monkeypatch.setattr(engine.Trainer, "_follow_budget", slow_at_first)
+
+
+def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(tmp_path, monkeypatch, capsys):
+    """The first steps seem slow (here: 1 s is added to the time of each of the first four, so the test does
+    not depend on how busy the machine is); the length they give is set again from the recent steps at a
+    later log step while the learning rate is flat, so the run uses its budget."""
+    _slow_first_steps(monkeypatch)
     run = tmp_path / "run"
     assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
                  "--set", "optim.schedule=constant",  # flat throughout: set again at every log step
@@ -114,19 +120,7 @@ def test_a_length_set_again_while_the_rate_falls_keeps_the_rates_and_still_ends_
 def test_a_time_budget_sets_the_length_again_while_the_rate_falls(tmp_path, monkeypatch, capsys):
     """With a cosine schedule the rate falls from the first step; the length is set again from the recent
     (here: faster than the first) steps all the same, the logged rate never rises, and it ends near 0."""
-    from fer_train import engine
-
-    monkeypatch.setattr(engine, "MEASURE_STEPS", 3)
-    monkeypatch.setattr(engine, "REPLAN_WINDOW", 3)
-    monkeypatch.setattr(budget, "FINAL_FIXED_S", 2.0)
-    follow_budget = engine.Trainer._follow_budget
-
-    def slow_at_first(self, plan, step_seconds, session_start):
-        if len(step_seconds) <= 4:
-            step_seconds[-1] += 1.0
-        return follow_budget(self, plan, step_seconds, session_start)
-
-    monkeypatch.setattr(engine.Trainer, "_follow_budget", slow_at_first)
+    _slow_first_steps(monkeypatch)
     run = tmp_path / "run"
     assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
                  "--set", "optim.schedule=cosine", "--set", "train.eval_every=1000000",
