@@ -227,7 +227,7 @@ class Trainer:
         o = self.config.optim
         factor = lr_factor(self.step, self.config.train.steps, o.schedule, o.flat_fraction, self.decay_from)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.optim.lr * factor
+            group["lr"] = o.lr * factor
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
             self.scaler.update()
