@@ -75,7 +75,8 @@ class OptimConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on weights of 2+ dimensions only: biases and batch-norm scales are not decayed
+    decoupled_weight_decay: bool = False  # ranger / radam: AdamW's p *= 1 - lr * wd instead of L2 in the gradient
     gc: bool = True
     k: int = 6
     alpha: float = 0.5
@@ -371,6 +372,8 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"optim.flat_fraction must be in [0, 1], got {o.flat_fraction}")
     if o.eps <= 0 or o.weight_decay < 0 or o.momentum < 0:
         raise ConfigError("optim.eps must be positive and optim.weight_decay, optim.momentum non-negative")
+    if o.decoupled_weight_decay and o.name == "sgd":
+        raise ConfigError("optim.decoupled_weight_decay is for ranger and radam; SGD's optim.weight_decay is L2")
     if not 0 <= d.class_balance <= 1:
         raise ConfigError(f"data.class_balance must be in [0, 1] (0: every image once per epoch; 1: every class "
                           f"equally often), got {d.class_balance}")

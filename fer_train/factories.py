@@ -39,10 +39,15 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
     from fer_kernels.optim import GCRAdam, Ranger
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.weight_decay:
+        # Decay convolution and linear weights only: biases and batch-norm scales set no capacity, and decaying
+        # them only pulls the activations' scale towards zero. (Without decay one group, as checkpoints hold.)
+        params = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     common = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay,
-                  gc=config.gc)
+                  decoupled_weight_decay=config.decoupled_weight_decay, gc=config.gc)
     if config.name == "radam":
         return GCRAdam(params, **common)
     return Ranger(params, k=config.k, alpha=config.alpha, **common)

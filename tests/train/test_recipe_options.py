@@ -185,3 +185,22 @@ def test_cifar_stem_keeps_the_blocks_and_the_resolution():
     with pytest.raises(ValueError, match="stem must be one of"):
         resnet18(stem="tiny")
     assert math.isfinite(cifar(torch.randn(2, 3, 48, 48)).sum().item())
+
+
+def test_weight_decay_shrinks_weights_of_two_or_more_dimensions_only():
+    from fer_train.config import ModelConfig, OptimConfig
+    from fer_train.factories import build_model, build_optimizer
+
+    model = build_model(ModelConfig(), pretrained=False)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.5, decoupled_weight_decay=True))
+    decayed, kept = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.5 and kept["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in model.parameters() if p.ndim > 1}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: the decoupled decay alone moves the weights
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.01 * 0.5) if p.ndim > 1 else before[name]
+        torch.testing.assert_close(p.detach(), expected, msg=name)
+    assert len(build_optimizer(model, OptimConfig()).param_groups) == 1  # without decay: as checkpoints hold
