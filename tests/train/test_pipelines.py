@@ -211,3 +211,20 @@ def test_dali_cpu_graph_agrees_with_the_pytorch_pipeline(tmp_path, train):
         # axis for HSV's shift: 0.018 mean without it); the rest is where the specification clamps after a
         # step and DALI only at the end. 0.15 normalised is 0.034 of [0, 1].
         assert diff.mean() < (0.15 if train else 0.01) and diff.max() < (0.5 if train else 0.02), (diff.mean(), diff.max())
+
+
+@needs_dali
+def test_closing_a_dali_loader_ends_its_workers_and_reading_goes_on_where_it_stopped(tmp_path):
+    dataset = _rgb_set(tmp_path, n=12)
+    straight = [x for x, _ in _loader(dataset, True, backend="dali")]
+    loader = _loader(dataset, True, backend="dali")
+    batches = iter(loader)
+    first = next(batches)[0]
+    workers = loader.pipeline._workers()
+    assert workers and all(p.exitcode is None for p in workers)
+    loader.close()
+    assert all(p.exitcode is not None for p in workers)  # ended now, not at the end of the process
+    rest = [x for x, _ in loader]  # a new pipeline, from the first batch not handed out
+    assert len(straight) == 3 and len(rest) == 2
+    for a, b in zip(straight, [first, *rest]):
+        torch.testing.assert_close(a, b)
