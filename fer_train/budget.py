@@ -10,7 +10,9 @@ per cent within minutes), which changes no rate already used: while the rate is 
 the end, and once it falls its rest is stretched or shrunk from the rate it has
 (fer_train.recipe.schedule.stretch_decay). The margin kept for noise is a share of the time left, so a
 run ends close to its budget; if the machine turns out slower than measured the run stops training early
-(and still evaluates and writes its reports).
+(and still evaluates and writes its reports). The clock starts with the command (`python -m fer_train` passes
+the time it began, so its imports and data scan count) or, called from Python, with the Trainer; a resumed
+run adds the time of its earlier sessions.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def _run_dir(config) -> Path:
 _KEPT_ON_RESUME = {"model": ("arch", "act", "booster"), "optim": ("name",)}
 
 
-def train(args) -> int:
+def train(args, started: float | None = None) -> int:
     from fer_train import checkpoint, run_folder
     from fer_train.engine import NonFiniteLoss, Trainer
 
@@ -127,7 +127,7 @@ def train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone owns the folder
         run_folder.prepare(run_dir, overwrite=args.overwrite, resume=resume is not None)
     try:
-        outcome = Trainer(config, run_dir, resume=resume, stop_after=args.stop_after).fit()
+        outcome = Trainer(config, run_dir, resume=resume, stop_after=args.stop_after, started=started).fit()
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
@@ -167,13 +167,19 @@ def evaluate(args) -> int:
     out = Path(args.out) if args.out else path.parent / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
 
+    loaders = []
+
     def loader_for(name, dataset):
-        return build_loader(dataset, args.batch_size, False, config.data.image_size, device, config.data.backend,
-                            num_workers=config.data.workers, channels_last=config.train.channels_last)
+        loaders.append(build_loader(dataset, args.batch_size, False, config.data.image_size, device,
+                                    config.data.backend, num_workers=config.data.workers,
+                                    channels_last=config.train.channels_last))
+        return loaders[-1]
 
     _, table = evaluate_and_report(model, data.test, loader_for, out, f"{path}: test results", device=device,
                                    channels_last=config.train.channels_last, temperature=loaded.temperature,
                                    tta_rows=args.tta)
+    for loader in loaders:
+        loader.close()  # now: at the process's end DALI would wait for each worker in turn
     print(f"{path}, step {loaded.step}:\n{table}")
     print(f"confusion matrices and summary: {out}")
     return 0
@@ -266,7 +272,9 @@ def presets() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """The command line; `started` (a time.perf_counter() reading) is when the command began: a training run's
+    time budget counts from it, the start-up included."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            return train(args)
+            return train(args, started)
         if args.command == "evaluate":
             return evaluate(args)
         if args.command == "predict":

@@ -1,20 +1,19 @@
 """The training engine: the paper's recipe (docs/method.md sections 3-8) as a step-based loop.
 
-Per optimizer step: `accumulation` micro-batches per process, each FMix-mixed by the loader, through the
-model under autocast, the class-weighted FMix loss backward (DDP averages the gradients across processes
-on the last micro-batch only); then one optimizer step (GradScaler's with fp16) at the learning rate of
-the flat-then-cosine schedule. Every eval_every steps: evaluation on the selection set (mixed-val, or the
-one validation split) and on each set's validation split, and best.pt when the selection accuracy
-improves (best.pt is the model file; with train.ema, of the moving average of the weights); every
-checkpoint_every steps and at the end: last.pt (the training state). The loss and the weights are checked
-finite before anything is saved. At the end the best model's temperature is fitted on the selection split,
-and it is evaluated on every test split given (also with flip test-time augmentation), with confusion
-matrices (CSV, PNG), a summary table and model-card.md. With train.time_budget the run's length is set
+Per optimizer step: `accumulation` micro-batches per process, each FMix-mixed by the loader, through the model under
+autocast, the class-weighted FMix loss backward (DDP averages the gradients across processes on the last micro-batch
+only); then one optimizer step (GradScaler's with fp16) at the learning rate of the flat-then-cosine schedule. Every
+eval_every steps: evaluation on the selection set (mixed-val, or the one validation split) and on each set's
+validation split, and best.pt when the selection accuracy improves (best.pt is the model file; with train.ema, of
+the moving average of the weights); every checkpoint_every steps and at the end: last.pt (the training state). The
+loss and the weights are checked finite before anything is saved. At the end the best model's temperature is fitted
+on the selection split, and it is evaluated on every test split given (also with flip test-time augmentation), with
+confusion matrices (CSV, PNG), a summary table and model-card.md. With train.time_budget the run's length is set
 from timed steps so that all of it fits (fer_train.budget).
 
-Resuming restores the model, the optimizer (Lookahead's slow weights included), the scaler, the step, the
-data position and the RNG states: the data order and every augmentation and FMix draw depend on (seed,
-epoch, batch, sample) only, so a resumed run computes the same steps as one that never stopped.
+Resuming restores the model, the optimizer (Lookahead's slow weights included), the scaler, the step, the data
+position and the RNG states: the data order and every augmentation and FMix draw depend on (seed, epoch, batch,
+sample) only, so a resumed run computes the same steps as one that never stopped.
 """
 
 from __future__ import annotations
@@ -56,10 +55,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
-    """One run: `Trainer(config, run_dir).fit()`; `resume` is a checkpoint dict (fer_train.checkpoint.load)."""
+    """One run: `Trainer(config, run_dir).fit()`; `resume` is a checkpoint dict (fer_train.checkpoint.load); `started`
+    (a time.perf_counter() reading, default now) is when the session began: the command line's own start."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, resume: dict | None = None, stop_after: int | None = None):
+    def __init__(self, config: RunConfig, run_dir: Path, resume: dict | None = None, stop_after: int | None = None,
+                 started: float | None = None):
         self.config, self.run_dir, self.stop_after = config, Path(run_dir), stop_after
+        self._session_start = time.perf_counter() if started is None else started
         t = config.train
         self.dist = init_distributed("cuda" if t.device.startswith("cuda") or (
             t.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -100,7 +102,7 @@ class Trainer:
                                    channels_last=t.channels_last, timeout=d.timeout, class_balance=d.class_balance)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
         self.decay_from: float | None = None  # where the rate's fall starts once a time budget moved the end
-        self._elapsed_before, self._session_start = 0.0, time.perf_counter()  # wall time of earlier sessions
+        self._elapsed_before = 0.0  # wall time of earlier sessions
         self.last_good: str | None = None  # the newest checkpoint, which was checked to hold finite weights
         if resume is not None:
             self._restore(resume)
@@ -110,8 +112,7 @@ class Trainer:
         if self.dist.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if t.compile:
-            self.net = torch.compile(self.net)
+        self.net = torch.compile(self.net) if t.compile else self.net
         if self.dist.world > 1:  # every rank uses rank 0's run folder (a default name holds the start time)
             shared = [str(self.run_dir)]
             dist.broadcast_object_list(shared, src=0)
@@ -119,9 +120,8 @@ class Trainer:
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale_temporaries(self.run_dir)  # of saves killed mid-write
-        self._eval_loaders: dict = {}
         self.log = RunLog(self.run_dir if self.dist.main else None, t.steps, resumed_at=self.step if resume else None)
-        self._stop_signal: str | None = None
+        self._eval_loaders, self._stop_signal = {}, None  # loaders by split; the stop signal received, if any
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -148,8 +148,7 @@ class Trainer:
                               "resume with the settings the run was trained with") from None
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
-        self.step, self.best = int(state["step"]), dict(state["best"])
-        self.decay_from = state.get("decay_from")
+        self.step, self.best, self.decay_from = int(state["step"]), dict(state["best"]), state.get("decay_from")
         self._elapsed_before = float(state.get("elapsed", 0.0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -179,9 +178,8 @@ class Trainer:
         """Stops the run (NonFiniteLoss, exit status 3) when the loss or any weight is not finite: nothing
         non-finite is ever saved or chosen as best."""
         models = (self.model, self.eval_model)
-        weights_finite = bool(torch.stack([torch.isfinite(t).all() for m in models for t in (*m.parameters(),
-                                                                                         *m.buffers())
-                                           if t.is_floating_point()]).all())
+        tensors = [t for m in models for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         if math.isfinite(loss) and weights_finite:
             self._checked_step = self.step
             return
@@ -270,7 +268,7 @@ class Trainer:
         batches, stopped = self._batches(), None
         session_start, window_start, window_steps = self.step, time.perf_counter(), 0
         loss_sum = torch.zeros((), device=self.device)
-        started = time.perf_counter() - self._elapsed_before  # resumed: the whole run, all sessions, fits the budget
+        started = self._session_start - self._elapsed_before  # resumed: the whole run, all sessions, fits the budget
         budget = Budget(parse_duration(t.time_budget), started) if t.time_budget else None
         self._upper_steps = t.steps  # a time budget sets the length, at most this
         step_seconds = []
@@ -313,6 +311,8 @@ class Trainer:
         finally:
             restore_signals()
         results = [] if stopped else self.final_evaluation()
+        for loader in (self.loader, *self._eval_loaders.values()):
+            loader.close()  # now: at the process's end DALI would wait for each worker in turn
         self.log.close()
         return {"stopped": stopped, "step": self.step, "results": results, "best": self.best}
 

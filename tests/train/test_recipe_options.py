@@ -67,6 +67,20 @@ def test_a_resumed_run_counts_its_earlier_sessions_against_the_budget(tmp_path, 
     assert (run / "model-card.md").is_file()
 
 
+def test_the_budget_counts_the_commands_start_up(tmp_path, monkeypatch):
+    """python -m fer_train passes the time it began: a command whose start-up (here, as if) used all but a
+    second of its budget times a few steps, then evaluates and writes the card."""
+    from fer_train import engine
+
+    monkeypatch.setattr(engine, "MEASURE_STEPS", 3)
+    run = tmp_path / "run"
+    assert main(["--steps", "100000", "--time-budget", "10m", "--out", str(run), *RUN, "--set",
+                 "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000"],
+                started=time.perf_counter() - 599.0) == 0
+    assert checkpoint.load(run / "last.pt")["step"] <= engine.MEASURE_STEPS + 2
+    assert (run / "model-card.md").is_file()
+
+
 def _slow_first_steps(monkeypatch):
     """The length is set after 3 timed steps and again from the last 3 at every log step; 1 s is added to the
     time of each of the first four steps, so the first length is too short whatever the machine's load."""
@@ -91,7 +105,7 @@ def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(
     later log step while the learning rate is flat, so the run uses its budget."""
     _slow_first_steps(monkeypatch)
     run = tmp_path / "run"
-    assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
+    assert main(["--steps", "100000", "--time-budget", "40s", "--out", str(run), *RUN, "--set", "train.log_every=1",
                  "--set", "optim.schedule=constant",  # flat throughout: set again at every log step
                  "--set", "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000"]) == 0
     out = capsys.readouterr().out
@@ -122,7 +136,7 @@ def test_a_time_budget_sets_the_length_again_while_the_rate_falls(tmp_path, monk
     (here: faster than the first) steps all the same, the logged rate never rises, and it ends near 0."""
     _slow_first_steps(monkeypatch)
     run = tmp_path / "run"
-    assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
+    assert main(["--steps", "100000", "--time-budget", "40s", "--out", str(run), *RUN, "--set", "train.log_every=1",
                  "--set", "optim.schedule=cosine", "--set", "train.eval_every=1000000",
                  "--set", "train.checkpoint_every=1000000"]) == 0
     assert "(set again from the recent steps)" in capsys.readouterr().out
