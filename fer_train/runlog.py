@@ -122,6 +122,13 @@ def _small_map_convolutions(device) -> str:
     return f"; conv weight gradient unfolded on maps of at most min({conv.SMALL_MAP}, output channels) positions{taps}"
 
 
+def weight_decay(optim) -> str:
+    """', weight decay 0.05 (decoupled)' for an OptimConfig with decay (an L2 term unless decoupled); '' without."""
+    if not optim.weight_decay:
+        return ""
+    return f", weight decay {optim.weight_decay} ({'decoupled' if optim.decoupled_weight_decay else 'L2'})"
+
+
 def describe(trainer) -> str:
     """The header a run prints: where it runs, the model, optimizer and recipe, the data and its evaluation."""
     c = trainer.config
@@ -129,9 +136,10 @@ def describe(trainer) -> str:
     return (f"run {trainer.run_dir} (preset {c.preset}) on {trainer.device}"
             f"{f' x {trainer.dist.world} processes' if trainer.dist.world > 1 else ''}\n"
             f"model {c.model.arch} act={c.model.act} booster={c.model.booster} stem={c.model.stem} "
-            f"fused={c.model.fused}; optimizer {c.optim.name} lr {c.optim.lr}; {c.train.steps} steps of "
-            f"{c.train.batch_size} ({trainer.micro_batch} x {trainer.accumulation} accumulation x {trainer.dist.world} "
-            f"processes){f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
+            f"fused={c.model.fused}; optimizer {c.optim.name} lr {c.optim.lr}{weight_decay(c.optim)}; "
+            f"{c.train.steps} steps of {c.train.batch_size} ({trainer.micro_batch} x {trainer.accumulation} "
+            f"accumulation x {trainer.dist.world} processes)"
+            f"{f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
             f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend}; "
             f"{c.data.image_size} px; freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}"
             f"{_small_map_convolutions(trainer.device)}\n"

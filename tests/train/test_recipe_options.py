@@ -175,12 +175,15 @@ def test_with_ema_best_pt_holds_the_averaged_weights(tmp_path):
     assert not all(torch.equal(best["model"][k], last["model"][k]) for k in averaged)
 
 
-def test_class_balanced_sampling_runs_and_is_recorded(tmp_path, capsys):
+def test_class_balanced_sampling_and_weight_decay_run_and_are_recorded(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--steps", "3", "--out", str(run), *RUN, "--set", "data.class_balance=0.5", "--set",
-                 "data.class_weights=none", "--set", "train.eval_every=3", "--set", "train.tta_report=false"]) == 0
-    assert "class-balanced sampling, power 0.5; class weights (none)" in capsys.readouterr().out
-    assert "class-balanced sampling, power 0.5" in (run / "model-card.md").read_text()
+                 "data.class_weights=none", "--set", "train.eval_every=3", "--set", "train.tta_report=false",
+                 "--set", "optim.weight_decay=0.05", "--set", "optim.decoupled_weight_decay=true"]) == 0
+    out, card = capsys.readouterr().out, (run / "model-card.md").read_text()
+    assert "class-balanced sampling, power 0.5; class weights (none)" in out
+    assert "class-balanced sampling, power 0.5" in card
+    assert ", weight decay 0.05 (decoupled);" in out and "weight decay 0.05 (decoupled), betas" in card
     assert checkpoint.load(run / "last.pt")["config"]["data"]["class_balance"] == 0.5
 
 
