@@ -12,8 +12,9 @@ Ranger, bookkeeping), one setting of SETTINGS at a time, side by side in one run
 (the allocator and thread settings are per process), ResNet-18 + Mish + ABP at batch 32 / 48 px (the size
 CPU users train at) and batch 8 / 224 px. The rate is the median of the engine's own per-window images/s
 in metrics.jsonl after the first window (warm-up). "before" is what the engine did before these settings
-existed (float32, freed memory returned to the kernel). The data: FERPlus by path (--ferplus), else a
-FERPlus-layout folder of drawn faces written to a temporary folder. Writes <device>-engine.json.
+existed (float32, freed memory returned to the kernel). The data: FERPlus's training set by path (--ferplus;
+its other splits are left out, so no run evaluates), else a FERPlus-layout folder of drawn faces written to a
+temporary folder. Writes <device>-engine.json.
 
 against (not in the default parts): the default engine of this tree and of a checkout of another commit
 (--against, its extension built in place), taking turns for --rounds rounds; writes
@@ -176,9 +177,19 @@ def step_part(args, device):
 
 
 def engine_data(args, scratch: Path, results) -> Path:
-    """The FERPlus folder the engine runs train on (--ferplus, else drawn faces under scratch), named in results."""
+    """The FERPlus folder the engine runs train on, named in results: --ferplus's FER2013Train alone, linked under
+    scratch (with FER2013Valid there every run would end by evaluating it, minutes at 224 px, which is not what
+    is timed), else drawn faces under scratch."""
     results.env["data"] = "FERPlus FER2013Train" if args.ferplus else "drawn faces in the FERPlus layout"
-    return args.ferplus or drawn_ferplus(scratch / "ferplus", 256 if args.quick else 2048)
+    if not args.ferplus:
+        return drawn_ferplus(scratch / "ferplus", 256 if args.quick else 2048)
+    train = args.ferplus.resolve() / "FER2013Train"
+    if not train.is_dir():
+        raise SystemExit(f"bench_train.py: --ferplus {args.ferplus} has no FER2013Train folder")
+    folder = scratch / "ferplus-train"
+    folder.mkdir()
+    (folder / "FER2013Train").symlink_to(train, target_is_directory=True)
+    return folder
 
 
 def engine_rows(args) -> list[tuple[int, int]]:
