@@ -155,7 +155,7 @@ def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     xs, gs = _by_position(x), _by_position(grad)
     wt = _by_tap(weight)
     dxs = x.new_zeros(h * w, n, c) if need_input else None
-    dwt = x.new_zeros(kh * kw, k, c) if need_weight else None
+    dwt = _weight_grad_by_tap(weight, {tap for tap, _, _ in taps}) if need_weight else None
     for tap, q, p in taps:
         g = gs[q].view(-1, k)
         if need_input:
@@ -170,6 +170,23 @@ def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
         dw = dwt.view(kh, kw, k, c).permute(2, 3, 0, 1)
         dw = in_format(dw, tail_format(weight))
     return dx, dw
+
+
+def _weight_grad_by_tap(weight: torch.Tensor, written: set) -> torch.Tensor:
+    """The (kh * kw) x K x C buffer that conv2d_by_taps_backward's per-tap products write into, the taps not
+    in `written` zeroed. For a channels-last weight it is a view of a K x kh x kw x C block, the weight's own
+    order, so the products land in place (each tap's K x C rows are strided, which the product takes) and
+    the gradient needs neither a zeroed buffer nor a reordering copy: on stage 4 at 48 px these took 7-8 ms
+    of a 300 ms training step."""
+    k, c, kh, kw = weight.shape
+    if tail_format(weight) == torch.channels_last:
+        dwt = weight.new_empty(k, kh * kw, c).transpose(0, 1)
+    else:
+        dwt = weight.new_empty(kh * kw, k, c)
+    for tap in range(kh * kw):
+        if tap not in written:
+            dwt[tap].zero_()
+    return dwt
 
 
 class _SmallMapConv(torch.autograd.Function):
