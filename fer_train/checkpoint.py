@@ -123,10 +123,11 @@ class LoadedModel:
 def input_transform(config) -> dict:
     """The evaluation transform of a run's settings (docs/method.md section 6)."""
     from fer_kernels.reference import IMAGENET_MEAN, IMAGENET_STD
+    from fer_train.recipe.augmentation import resized_side
 
     size = config.data.image_size
-    return {"size": size, "resize": round(size * 256 / 224), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "colour": "rgb"}
+    return {"size": size, "resize": resized_side(size, config.data.crop), "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "colour": "rgb"}
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:

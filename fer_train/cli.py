@@ -172,7 +172,7 @@ def evaluate(args) -> int:
     def loader_for(name, dataset):
         loaders.append(build_loader(dataset, args.batch_size, False, config.data.image_size, device,
                                     config.data.backend, num_workers=config.data.workers,
-                                    channels_last=config.train.channels_last))
+                                    channels_last=config.train.channels_last, crop=config.data.crop))
         return loaders[-1]
 
     _, table = evaluate_and_report(model, data.test, loader_for, out, f"{path}: test results", device=device,

@@ -46,6 +46,7 @@ class DataConfig:
     on_error: str = "raise"  # or "skip": leave bad images out, counted in the data report and metrics.jsonl
     max_image_pixels: int = 50_000_000  # larger images (by their header) are bad input: decompression bombs
     image_size: int = 224
+    crop: float = 0.875  # the centre crop's side over the resized shorter side: the paper's 224 of 256; less zooms in
     backend: str = "auto"  # DALI where installed, else the PyTorch pipeline
     workers: int = 2
     timeout: float = 300.0  # seconds without a batch from the input pipeline's workers before the run stops
@@ -380,6 +381,9 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
     if d.class_balance and d.class_weights != "none":
         raise ConfigError(f"data.class_balance={d.class_balance} and data.class_weights={d.class_weights} both "
                           f"correct for rare classes, which would count them twice; set data.class_weights=none")
+    if not 0 < d.crop <= 1:
+        raise ConfigError(f"data.crop must be in (0, 1] (the centre crop's share of the resized shorter side; the "
+                          f"paper's 0.875 is 224 of 256, 1 keeps the whole face box), got {d.crop}")
     if not (0 <= d.label_smoothing < 1 and 0 <= t.ema < 1):
         raise ConfigError(f"data.label_smoothing and train.ema must be in [0, 1), got {d.label_smoothing} and {t.ema}")
     if t.time_budget is not None:

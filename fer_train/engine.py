@@ -98,7 +98,7 @@ class Trainer:
         d = config.data
         fmix = FMix(d.fmix_alpha, d.fmix_decay_power, d.fmix_per_sample) if d.fmix else None
         self.loader = build_loader(self.data.train, micro, True, d.image_size, self.device, d.backend, fmix, t.seed,
-                                   rank=self.dist.rank, world=self.dist.world, num_workers=d.workers,
+                                   rank=self.dist.rank, world=self.dist.world, num_workers=d.workers, crop=d.crop,
                                    channels_last=t.channels_last, timeout=d.timeout, class_balance=d.class_balance)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
         self.decay_from: float | None = None  # where the rate's fall starts once a time budget moved the end
@@ -375,7 +375,7 @@ class Trainer:
             self._eval_loaders[name] = build_loader(
                 dataset, max(c.train.eval_batch_size // self.dist.world, 1), False, c.data.image_size, self.device,
                 c.data.backend, rank=self.dist.rank, world=self.dist.world, num_workers=c.data.workers,
-                channels_last=c.train.channels_last, timeout=c.data.timeout)
+                channels_last=c.train.channels_last, timeout=c.data.timeout, crop=c.data.crop)
         return self._eval_loaders[name]
 
     def _validate(self) -> None:

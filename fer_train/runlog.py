@@ -141,7 +141,7 @@ def describe(trainer) -> str:
             f"accumulation x {trainer.dist.world} processes)"
             f"{f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
             f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend}; "
-            f"{c.data.image_size} px; freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}"
+            f"{c.data.image_size} px, centre crop {c.data.crop:g} of the face; freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}"
             f"{_small_map_convolutions(trainer.device)}\n"
             f"training data:\n{sets}\n"
             f"{f'class-balanced sampling, power {c.data.class_balance}; ' if c.data.class_balance else ''}"

@@ -12,7 +12,7 @@ from fer_train.config import DATA_BACKENDS, DataConfig
 from fer_train.data.base import CombinedDataset
 from fer_train.data.dali_pipeline import DaliPipeline, dali_available
 from fer_train.data.torch_pipeline import TorchPipeline
-from fer_train.recipe.augmentation import AugmentConfig
+from fer_train.recipe.augmentation import AugmentConfig, resized_side
 
 __all__ = ["Loader", "MixedTargets", "build_loader"]
 
@@ -74,7 +74,7 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
                  fmix=None, seed: int = 0, *, rank: int = 0, world: int = 1, num_workers: int = 2,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  config: AugmentConfig | None = None, timeout: float = DataConfig.timeout,
-                 class_balance: float = 0.0) -> Loader:
+                 class_balance: float = 0.0, crop: float = DataConfig.crop) -> Loader:
     """Batches of (images N x 3 x image_size x image_size on `device`, targets) from one data set or a list
     of them (combined into one training set).
 
@@ -89,7 +89,8 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     died. An image that cannot be read mid-run raises DataError, or with the set's on_error="skip" is
     replaced by the next sample that reads and counted in Loader.skipped. class_balance (training): 0 reads
     every sample once per epoch; above 0, samples are drawn with replacement, weighted by their class's count
-    to the power -class_balance (1: every class equally often; data.class_balance).
+    to the power -class_balance (1: every class equally often; data.class_balance). crop: the centre crop's
+    share of the resized shorter side (data.crop; `config`, when given, says it instead).
     """
     if backend not in DATA_BACKENDS:
         raise ValueError(f"build_loader: backend must be one of {DATA_BACKENDS}, got {backend!r}")
@@ -101,7 +102,7 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     if len(datasets) == 0:
         raise ValueError("build_loader: the data set is empty")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = config or AugmentConfig(out_size=image_size, resize=round(image_size * 256 / 224))
+    config = config or AugmentConfig(out_size=image_size, resize=resized_side(image_size, crop))
     use_dali = backend == "dali" or (backend == "auto" and dali_available())
     kind = DaliPipeline if use_dali else TorchPipeline
     pipeline = kind(datasets, batch_size, train, device, config=config, seed=seed, rank=rank, world=world,

@@ -20,7 +20,13 @@ import torch
 import fer_kernels
 from fer_kernels import reference
 
-__all__ = ["AugmentConfig", "AugmentParams", "apply", "full_boxes", "sample_keys", "sample_params"]
+__all__ = ["AugmentConfig", "AugmentParams", "apply", "full_boxes", "resized_side", "sample_keys", "sample_params"]
+
+
+def resized_side(size: int, crop: float = 0.875) -> int:
+    """The side the face's shorter side is resized to so that the centre size x size crop is `crop` of it
+    (data.crop): the paper's 256 for 224 (crop 0.875); crop 1 keeps the whole face box."""
+    return round(size / crop)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class AugmentConfig:
     hue circle), angles in degrees from [-a, a]; eval takes none of the random parts."""
 
     out_size: int = 224
-    resize: int = 256
+    resize: int = 256  # resized_side(out_size, data.crop)
     flip: float = 0.5
     rotation: float = 15.0
     shear: float = 15.0

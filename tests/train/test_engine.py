@@ -226,6 +226,8 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys):
     (["--set", "data.class_balance=1.5", "--set", "data.class_weights=none"], "data.class_balance must be in [0, 1]"),
     (["--set", "data.class_balance=0.5"], "would count them twice; set data.class_weights=none"),
     (["--set", "optim.name=sgd", "--set", "optim.decoupled_weight_decay=true"], "SGD's optim.weight_decay is L2"),
+    (["--set", "data.crop=0"], "data.crop must be in (0, 1]"),
+    (["--set", "data.crop=1.2"], "data.crop must be in (0, 1]"),
 ])
 def test_bad_configs_and_paths_fail_before_any_work(args, message, capsys):
     assert main(args) == 2

@@ -157,6 +157,25 @@ def test_face_box_is_the_crop(tmp_path):
     assert targets.tolist() == [1]
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_data_crop_sets_how_far_evaluation_zooms_into_the_face(tmp_path, backend):
+    """crop 1: the 48 x 48 face itself, pixel for pixel; crop 0.8: the centre 48 of the face resized to 60."""
+    dataset = _ferplus(tmp_path, 2)
+    faces = [decode(dataset.encoded(i), None) for i in range(2)]
+    mean, std = torch.tensor(reference.IMAGENET_MEAN)[:, None, None], torch.tensor(reference.IMAGENET_STD)[:, None, None]
+    for crop, resize in ((1.0, 48), (0.8, 60)):
+        images, _ = next(iter(build_loader(dataset, 2, False, 48, "cpu", backend, num_workers=int(backend == "dali"),
+                                           crop=crop)))
+        config = AugmentConfig(out_size=48, resize=resize)
+        params = sample_params(full_boxes([[48, 48]] * 2), False, config=config)
+        want = torch.stack([reference.augment(face, params.matrices[k], params.colour[k], 48).float()
+                            for k, face in enumerate(faces)])
+        torch.testing.assert_close(images, want, rtol=0, atol=1e-4 if backend == "torch" else 2e-2)
+        if crop == 1.0:
+            torch.testing.assert_close(want, (torch.stack(faces).float().expand(-1, 3, -1, -1) / 255 - mean) / std,
+                                       rtol=0, atol=1e-5)
+
+
 def test_soft_and_hard_targets_combine(tmp_path):
     soft = open_dataset("ferplus", make_ferplus(tmp_path / "fp").parent, "train", label_mode="soft")
     hard = _rgb_set(tmp_path, n=4)

@@ -187,6 +187,17 @@ def test_class_balanced_sampling_and_weight_decay_run_and_are_recorded(tmp_path,
     assert checkpoint.load(run / "last.pt")["config"]["data"]["class_balance"] == 0.5
 
 
+def test_data_crop_reaches_the_saved_input_transform_and_the_card(tmp_path, capsys):
+    """A model trained zoomed in is evaluated, exported and served with the same zoom: the checkpoint's
+    input transform (which evaluate, export and predict read) and the card say it."""
+    run = tmp_path / "run"
+    assert main(["--steps", "2", "--out", str(run), *RUN, "--set", "data.crop=0.8", "--set", "train.eval_every=2",
+                 "--set", "train.tta_report=false"]) == 0
+    assert "32 px, centre crop 0.8 of the face;" in capsys.readouterr().out
+    assert checkpoint.load_model(run / "best.pt").input_transform["resize"] == 40  # 32 / 0.8
+    assert "the shorter side resized to 40 and centre-cropped" in (run / "model-card.md").read_text()
+
+
 def test_cifar_stem_keeps_the_blocks_and_the_resolution():
     from fer_kernels.models import resnet18
 
