@@ -176,8 +176,9 @@ def _weight_grad_by_tap(weight: torch.Tensor, written: set) -> torch.Tensor:
     """The (kh * kw) x K x C buffer that conv2d_by_taps_backward's per-tap products write into, the taps not
     in `written` zeroed. For a channels-last weight it is a view of a K x kh x kw x C block, the weight's own
     order, so the products land in place (each tap's K x C rows are strided, which the product takes) and
-    the gradient needs neither a zeroed buffer nor a reordering copy: on stage 4 at 48 px these took 7-8 ms
-    of a 300 ms training step."""
+    the gradient needs neither a zeroed buffer nor a reordering copy. On stage 4 at 48 px, batch 32, the fill
+    and the copy took 22 ms of a 300 ms training step; writing into memory not yet in cache, the products
+    then take about 7 ms more."""
     k, c, kh, kw = weight.shape
     if tail_format(weight) == torch.channels_last:
         dwt = weight.new_empty(k, kh * kw, c).transpose(0, 1)

@@ -23,7 +23,7 @@ from fer_kernels import reference
 __all__ = ["AugmentConfig", "AugmentParams", "apply", "full_boxes", "resized_side", "sample_keys", "sample_params"]
 
 
-def resized_side(size: int, crop: float = 0.875) -> int:
+def resized_side(size: int, crop: float) -> int:
     """The side the face's shorter side is resized to so that the centre size x size crop is `crop` of it
     (data.crop): the paper's 256 for 224 (crop 0.875); crop 1 keeps the whole face box."""
     return round(size / crop)
