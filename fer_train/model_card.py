@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fer_train.recipe.augmentation import resized_side
+from fer_train.checkpoint import input_transform
 from fer_train.reports import summary_table
 from fer_train.runlog import weight_decay
 
@@ -69,7 +69,7 @@ def write_model_card(trainer, results: list, temperature: float) -> Path:
         f"{c.model.stem} stem, {params:,} parameters.",
         "- Classes, in output order: neutral, happy, surprise, sad, anger, disgust, fear, contempt.",
         f"- Input: {c.data.image_size} x {c.data.image_size} RGB (grey images replicated), the shorter side resized to "
-        f"{resized_side(c.data.image_size, c.data.crop)} and centre-cropped, ImageNet mean/std "
+        f"{input_transform(c)['resize']} and centre-cropped, ImageNet mean/std "
         "(docs/method.md section 6).",
         f"- Calibration: divide the logits by the temperature {temperature:.3f} (fitted on "
         f"{data.selection[0] if data.selection else 'no split: none was held out'}); best.pt holds it.",

@@ -162,7 +162,8 @@ def test_data_crop_sets_how_far_evaluation_zooms_into_the_face(tmp_path, backend
     """crop 1: the 48 x 48 face itself, pixel for pixel; crop 0.8: the centre 48 of the face resized to 60."""
     dataset = _ferplus(tmp_path, 2)
     faces = [decode(dataset.encoded(i), None) for i in range(2)]
-    mean, std = torch.tensor(reference.IMAGENET_MEAN)[:, None, None], torch.tensor(reference.IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(reference.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(reference.IMAGENET_STD)[:, None, None]
     for crop, resize in ((1.0, 48), (0.8, 60)):
         images, _ = next(iter(build_loader(dataset, 2, False, 48, "cpu", backend, num_workers=int(backend == "dali"),
                                            crop=crop)))
