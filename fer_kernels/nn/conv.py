@@ -94,20 +94,34 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
 
 
 @functools.lru_cache(maxsize=64)
-def tap_pairs(in_size: tuple, kernel: tuple, stride: tuple, padding: tuple) -> tuple:
+def tap_windows(in_size: tuple, kernel: tuple, stride: tuple, padding: tuple) -> tuple:
     """The output map size and, for each kernel tap that touches the input map, (tap index i * kw + j, the
-    flat output positions q, the flat input positions p) of every pair it joins: p = q * stride - padding
-    + (i, j). Taps that fall on padding alone are left out, and so is every padding position."""
+    output window, the input window). The output window is the rectangle of output positions (a, b) whose
+    tap lands inside the input map, at (a * stride - padding + i, b * stride - padding + j): the input window,
+    a rectangle too, every stride-th row and column. Each window is a (rows, columns) pair of slices, so
+    gathering and adding a tap's positions are strided views rather than index lists. Taps that fall on
+    padding alone are left out, and so is every padding position."""
     (h, w), (kh, kw), (sh, sw), (ph, pw) = in_size, kernel, stride, padding
     ho, wo = _output_size(in_size, kernel, stride, padding)
     taps = []
     for i in range(kh):
+        rows = _tap_span(i, ph, sh, h, ho)
         for j in range(kw):
-            pairs = [(a * wo + b, (a * sh - ph + i) * w + b * sw - pw + j) for a in range(ho) for b in range(wo)
-                     if 0 <= a * sh - ph + i < h and 0 <= b * sw - pw + j < w]
-            if pairs:
-                taps.append((i * kw + j, torch.tensor([q for q, _ in pairs]), torch.tensor([p for _, p in pairs])))
+            columns = _tap_span(j, pw, sw, w, wo)
+            if rows is not None and columns is not None:
+                taps.append((i * kw + j, (rows[0], columns[0]), (rows[1], columns[1])))
     return (ho, wo), tuple(taps)
+
+
+def _tap_span(tap: int, pad: int, step: int, size: int, out_size: int):
+    """Along one axis: (the output indices a with 0 <= a * step - pad + tap < size, the input indices they
+    land on) as two slices, or None where the tap lands on padding only."""
+    first = max(0, -((tap - pad) // step))  # the smallest a with a * step >= pad - tap
+    last = min(out_size - 1, (size - 1 + pad - tap) // step)
+    if last < first:
+        return None
+    start = first * step - pad + tap
+    return slice(first, last + 1), slice(start, start + (last - first) * step + 1, step)
 
 
 def _output_size(in_size, kernel, stride, padding) -> tuple[int, int]:
@@ -122,50 +136,51 @@ def _by_tap(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _by_position(t: torch.Tensor) -> torch.Tensor:
-    """N x C x H x W -> (H * W) x N x C, one small copy: each position's N x C matrix contiguous."""
-    return t.permute(2, 3, 0, 1).reshape(t.shape[2] * t.shape[3], t.shape[0], t.shape[1])
+    """N x C x H x W -> H x W x N x C, one small copy: each position's N x C matrix contiguous."""
+    return t.permute(2, 3, 0, 1).contiguous()
 
 
 def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (no dilation, one group) as one matrix product per
-    kernel tap over the position pairs it joins (tap_pairs): on a map smaller than the kernel, im2col and
-    oneDNN multiply mostly padding, which this skips (2 x 2 under a 3x3 kernel: 16 of 36 products).
+    kernel tap over the window of positions it joins (tap_windows): on a map smaller than the kernel, im2col
+    and oneDNN multiply mostly padding, which this skips (2 x 2 under a 3x3 kernel: 16 of 36 products).
     The output has F.conv2d's layout (channels-last when x or the weight is)."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
-    (ho, wo), taps = tap_pairs((h, w), (kh, kw), tuple(stride), tuple(padding))
+    (ho, wo), taps = tap_windows((h, w), (kh, kw), tuple(stride), tuple(padding))
     xs = _by_position(x)
     wt = _by_tap(weight)
-    acc = (bias.expand(ho * wo, n, k).clone() if bias is not None else x.new_zeros(ho * wo, n, k))
-    for tap, q, p in taps:
-        acc.index_add_(0, q, torch.mm(xs[p].view(-1, c), wt[tap].t()).view(len(q), n, k))
-    out = acc.view(ho, wo, n, k).permute(2, 3, 0, 1)
+    acc = bias.expand(ho, wo, n, k).clone() if bias is not None else x.new_zeros(ho, wo, n, k)
+    for tap, out_window, in_window in taps:
+        target = acc[out_window]
+        target.add_(torch.mm(xs[in_window].reshape(-1, c), wt[tap].t()).view(target.shape))
+    out = acc.permute(2, 3, 0, 1)
     return in_format(out, torch.channels_last if is_channels_last(x) or is_channels_last(weight)
                      else torch.contiguous_format)
 
 
 def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding,
                             need_input: bool, need_weight: bool) -> tuple:
-    """The input and weight gradients of conv2d_by_taps, from the same per-tap gathers: dx at p collects
-    grad(q) @ W(tap); dW(tap) sums grad(q)^T @ x(p) over the tap's pairs. The weight gradient has the
-    weight's layout."""
+    """The input and weight gradients of conv2d_by_taps, from the same per-tap windows: dx over the input
+    window collects grad(output window) @ W(tap); dW(tap) is grad(output window)^T @ x(input window). The
+    weight gradient has the weight's layout."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
-    _, taps = tap_pairs((h, w), (kh, kw), tuple(stride), tuple(padding))
+    _, taps = tap_windows((h, w), (kh, kw), tuple(stride), tuple(padding))
     xs, gs = _by_position(x), _by_position(grad)
     wt = _by_tap(weight)
-    dxs = x.new_zeros(h * w, n, c) if need_input else None
+    dxs = x.new_zeros(h, w, n, c) if need_input else None
     dwt = _weight_grad_by_tap(weight, {tap for tap, _, _ in taps}) if need_weight else None
-    for tap, q, p in taps:
-        g = gs[q].view(-1, k)
+    for tap, out_window, in_window in taps:
+        g = gs[out_window].reshape(-1, k)
         if need_input:
-            dxs.index_add_(0, p, torch.mm(g, wt[tap]).view(len(p), n, c))
+            target = dxs[in_window]
+            target.add_(torch.mm(g, wt[tap]).view(target.shape))
         if need_weight:
-            torch.mm(g.t(), xs[p].view(-1, c), out=dwt[tap])
+            torch.mm(g.t(), xs[in_window].reshape(-1, c), out=dwt[tap])
     dx = dw = None
     if need_input:
-        dx = dxs.view(h, w, n, c).permute(2, 3, 0, 1)
-        dx = in_format(dx, tail_format(x))
+        dx = in_format(dxs.permute(2, 3, 0, 1), tail_format(x))
     if need_weight:
         dw = dwt.view(kh, kw, k, c).permute(2, 3, 0, 1)
         dw = in_format(dw, tail_format(weight))

@@ -117,6 +117,28 @@ def test_gradcheck(size):
     assert torch.autograd.gradcheck(lambda x, w, b: conv._SmallMapConv.apply(x, w, b, (2, 1), (1, 1), taps), (x, w, b))
 
 
+def test_tap_windows_join_exactly_the_pairs_of_the_definition():
+    # every (output, input) position pair a tap joins, by the definition p = q * stride - padding + tap,
+    # against the pairs the windows' slices give; maps, kernels, strides and paddings around the edge cases
+    for h, w, kh, kw, sh, sw, ph, pw in [(2, 2, 3, 3, 1, 1, 1, 1), (1, 3, 5, 5, 1, 1, 2, 2), (4, 3, 3, 5, 2, 1, 1, 2),
+                                         (2, 1, 3, 3, 2, 2, 1, 1), (7, 5, 7, 7, 2, 2, 3, 3), (3, 4, 3, 3, 1, 1, 0, 0),
+                                         (6, 6, 2, 2, 2, 2, 0, 0), (1, 1, 3, 3, 3, 3, 2, 2), (5, 2, 1, 1, 2, 3, 0, 0)]:
+        (ho, wo), taps = conv.tap_windows((h, w), (kh, kw), (sh, sw), (ph, pw))
+        assert (ho, wo) == conv._output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
+        out_ids, in_ids = torch.arange(ho * wo).view(ho, wo), torch.arange(h * w).view(h, w)
+        got = {tap: set(zip(out_ids[q].flatten().tolist(), in_ids[p].flatten().tolist())) for tap, q, p in taps}
+        want = {}
+        for i in range(kh):
+            for j in range(kw):
+                pairs = {(a * wo + b, (a * sh - ph + i) * w + b * sw - pw + j) for a in range(ho) for b in range(wo)
+                         if 0 <= a * sh - ph + i < h and 0 <= b * sw - pw + j < w}
+                if pairs:
+                    want[i * kw + j] = pairs
+        assert got == want, (h, w, kh, kw, sh, sw, ph, pw)
+        # each window pair has one shape, so a tap's product fits its output window
+        assert all(out_ids[q].shape == in_ids[p].shape for _, q, p in taps)
+
+
 def test_large_batches_are_unfolded_in_chunks(monkeypatch):
     monkeypatch.setattr(conv, "_CHUNK_BYTES", 1)  # one sample at a time
     torch.manual_seed(3)
