@@ -9,6 +9,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace fk = fer_kernels;
   auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("augment_cpu", &fk::augment_cpu, nogil, py::arg("images"), py::arg("matrices"), py::arg("colour"),
+        py::arg("out"), py::arg("mean"), py::arg("std"));
   m.def("mish_forward_cpu", &fk::mish_forward_cpu, nogil, py::arg("x"));
   m.def("mish_backward_cpu", &fk::mish_backward_cpu, nogil, py::arg("grad"), py::arg("x"));
   m.def("recalibrate_forward_cpu", &fk::recalibrate_forward_cpu, nogil, py::arg("x"), py::arg("gate"),

@@ -174,6 +174,10 @@ inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& par
               first.device());
 }
 
+// images: uint8 C x H x W (C = 1 or 3, any strides); matrices N x 2 x 3 and colour N x 4, float32; out N x 3 x S x S
+// (any strides, float16/bfloat16/float32/float64) is written and returned. See fer_kernels.augment.
+at::Tensor augment_cpu(const std::vector<at::Tensor>& images, const at::Tensor& matrices, const at::Tensor& colour,
+                       at::Tensor out, const std::vector<double>& mean, const std::vector<double>& std);
 at::Tensor mish_forward_cpu(const at::Tensor& x);
 at::Tensor mish_backward_cpu(const at::Tensor& grad, const at::Tensor& x);
 at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gate,

@@ -6,8 +6,9 @@ storage, a view of a larger image) is sampled bilinearly with a mirrored border,
 saturation and hue are applied and the result normalised: one pass, no intermediate image. What the
 matrices and colour factors are is the training recipe's business (fer_train.recipe.augmentation).
 
-The specification is fer_kernels.reference.augment; "triton" serves CUDA tensors, "reference" runs the
-specification image by image (in float32, float64 for float64 output) on any device.
+The specification is fer_kernels.reference.augment; "triton" serves CUDA tensors, "cpu" (the C++ twin,
+csrc/cpu/augment.cpp) CPU tensors, "reference" runs the specification image by image (in float32, float64
+for float64 output) on any device.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fer_kernels import reference
-from fer_kernels._dispatch import Inputs, Op, lazy, requested
+from fer_kernels._dispatch import Inputs, Op, extension, lazy, requested
 
 __all__ = ["augment"]
 
@@ -47,6 +48,7 @@ def _verify(stage, args, out):
 
 AUGMENT = Op("augment", verify=_verify)
 AUGMENT.implement("triton", warp=lazy("fer_kernels.triton.augment", "augment_triton"))
+AUGMENT.implement("cpu", warp=extension("augment_cpu"))
 AUGMENT.implement("reference", warp=_reference)
 
 
@@ -59,7 +61,8 @@ def augment(images: list[torch.Tensor], matrices: torch.Tensor, colour: torch.Te
     matrices: N x 2 x 3, output pixel (column u, row v) -> source position in pixel index coordinates;
     colour: N x 4 (brightness, contrast, saturation factors, hue shift as a fraction of the circle), see
     fer_kernels.reference.augment. mean, std: per channel, applied to [0, 1] values.
-    backend: None/"auto" (Triton for CUDA tensors, the reference elsewhere), "triton" or "reference".
+    backend: None/"auto" (Triton for CUDA tensors, the C++ twin for CPU tensors when the extension is built,
+    else the reference), "triton", "cpu" or "reference".
     """
     n = len(images)
     if matrices.shape != (n, 2, 3) or colour.shape != (n, 4):

@@ -1,6 +1,6 @@
-"""fer_kernels.augment, the fused augmentation pass: the Triton kernel (under the interpreter here) against the
-float64 specification for arbitrary geometry and colour, the reference path, the colour steps against
-torchvision's functions, and the argument errors."""
+"""fer_kernels.augment, the fused augmentation pass: the Triton kernel (under the interpreter here) and the C++
+CPU twin against the float64 specification for arbitrary geometry and colour, the reference path, the colour
+steps against torchvision's functions, and the argument errors."""
 
 import pytest
 import torch
@@ -54,13 +54,59 @@ def test_triton_matches_reference(out_dtype, channels_last, tol):
     torch.testing.assert_close(out.cpu().double(), want, rtol=0, atol=tol)
 
 
-def test_cpu_path_is_the_reference_in_float32():
+# The twin computes source positions in float64: float32 output is off by its own rounding and float32
+# colour math (~1e-6 of values up to ~2.7), float64 output by nothing visible; half precision by a rounding.
+@pytest.mark.parametrize("out_dtype,channels_last,tol", [
+    (torch.float64, False, 1e-9), (torch.float32, False, 1e-5), (torch.float32, True, 1e-5),
+    (torch.bfloat16, True, 0.02), (torch.float16, False, 3e-3)], ids=["fp64", "fp32", "nhwc", "bf16", "fp16"])
+def test_cpu_twin_matches_reference(out_dtype, channels_last, tol):
+    images = augment_sources(seed=3)
+    matrices, colour = _random_geometry(images, 37, seed=4)
+    out = fer_kernels.augment(images, matrices, colour, 37, out_dtype=out_dtype, channels_last=channels_last,
+                              backend="cpu")
+    assert out.shape == (len(images), 3, 37, 37) and out.dtype == out_dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    want = torch.stack([reference.augment(im, matrices[i], colour[i], 37) for i, im in enumerate(images)])
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=tol)
+
+
+def test_cpu_twin_is_what_auto_takes_on_the_cpu():
+    images = augment_sources(seed=5)
+    matrices, colour = _random_geometry(images, 16, seed=6)
+    torch.testing.assert_close(fer_kernels.augment(images, matrices, colour, 16),
+                               fer_kernels.augment(images, matrices, colour, 16, backend="cpu"), rtol=0, atol=0)
+
+
+def test_cpu_twin_writes_any_output_strides_and_survives_broken_matrices():
+    """The extension's entry point directly: an output with transposed rows and columns gets the same
+    values; a matrix of NaN and inf reads inside the image (finite output) instead of outside it."""
+    images = augment_sources(seed=7)
+    matrices, colour = _random_geometry(images, 20, seed=8)
+    mean, std = list(reference.IMAGENET_MEAN), list(reference.IMAGENET_STD)
+    want = fer_kernels.augment(images, matrices, colour, 20, backend="cpu")
+    out = torch.full((len(images), 3, 20, 20), float("nan")).transpose(2, 3)
+    fer_kernels._C.augment_cpu(images, matrices, colour, out, mean, std)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    broken = matrices.clone()
+    broken[0, 0, 0], broken[1, 1, 2], broken[2, 0, 2] = float("nan"), float("inf"), -float("inf")
+    out = fer_kernels.augment(images, broken, colour, 20, backend="cpu")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[3:], want[3:], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"augment_cpu: images\[0\] must be a non-empty uint8"):
+        fer_kernels._C.augment_cpu([images[0].float()], matrices[:1], colour[:1], out[:1], mean, std)
+    with pytest.raises(RuntimeError, match="augment_cpu: matrices must be a contiguous float32"):
+        fer_kernels._C.augment_cpu(images[:1], matrices[:1].double(), colour[:1], out[:1], mean, std)
+
+
+def test_reference_path_is_the_specification_in_float32():
     images = augment_sources()
     matrices, colour = _random_geometry(images, 24, seed=1)
-    out = fer_kernels.augment(images, matrices, colour, 24)
+    out = fer_kernels.augment(images, matrices, colour, 24, backend="reference")
     want = torch.stack([reference.augment(im, matrices[i], colour[i], 24) for i, im in enumerate(images)])
     torch.testing.assert_close(out.double(), want, rtol=0, atol=5e-4)  # float32 positions, as above
-    assert fer_kernels.augment([], torch.zeros(0, 2, 3), torch.zeros(0, 4), 24).shape == (0, 3, 24, 24)
+    for backend in ("cpu", "reference"):
+        assert fer_kernels.augment([], torch.zeros(0, 2, 3), torch.zeros(0, 4), 24, backend=backend).shape == \
+            (0, 3, 24, 24)
 
 
 def test_a_grey_image_is_replicated():
