@@ -89,8 +89,7 @@ class Trainer:
             raise ConfigError(f"the training set has {len(self.data.train)} images, fewer than one micro-batch of "
                               f"{micro} on each of {self.dist.world} processes: lower train.batch_size")
         self.model = build_model(config.model, pretrained=resume is None).to(self.device)
-        if t.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last) if t.channels_last else self.model
         self.optimizer = build_optimizer(self.model, config.optim)
         self.ema = build_ema(self.model, t.ema) if t.ema else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -99,7 +98,8 @@ class Trainer:
         fmix = FMix(d.fmix_alpha, d.fmix_decay_power, d.fmix_per_sample) if d.fmix else None
         self.loader = build_loader(self.data.train, micro, True, d.image_size, self.device, d.backend, fmix, t.seed,
                                    rank=self.dist.rank, world=self.dist.world, num_workers=d.workers, crop=d.crop,
-                                   channels_last=t.channels_last, timeout=d.timeout, class_balance=d.class_balance)
+                                   channels_last=t.channels_last, timeout=d.timeout, class_balance=d.class_balance,
+                                   decoded_cache_mb=d.decoded_cache_mb)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
         self.decay_from: float | None = None  # where the rate's fall starts once a time budget moved the end
         self._elapsed_before = 0.0  # wall time of earlier sessions
@@ -370,12 +370,12 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------------------------------
 
     def _eval_loader(self, name: str, dataset):
-        c = self.config
+        c, d = self.config, self.config.data
         if name not in self._eval_loaders:  # built once: a DALI pipeline keeps its worker processes
             self._eval_loaders[name] = build_loader(
-                dataset, max(c.train.eval_batch_size // self.dist.world, 1), False, c.data.image_size, self.device,
-                c.data.backend, rank=self.dist.rank, world=self.dist.world, num_workers=c.data.workers,
-                channels_last=c.train.channels_last, timeout=c.data.timeout, crop=c.data.crop)
+                dataset, max(c.train.eval_batch_size // self.dist.world, 1), False, d.image_size, self.device,
+                d.backend, rank=self.dist.rank, world=self.dist.world, num_workers=d.workers, crop=d.crop,
+                channels_last=c.train.channels_last, timeout=d.timeout, decoded_cache_mb=d.decoded_cache_mb)
         return self._eval_loaders[name]
 
     def _validate(self) -> None:

@@ -74,7 +74,8 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
                  fmix=None, seed: int = 0, *, rank: int = 0, world: int = 1, num_workers: int = 2,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  config: AugmentConfig | None = None, timeout: float = DataConfig.timeout,
-                 class_balance: float = 0.0, crop: float = DataConfig.crop) -> Loader:
+                 class_balance: float = 0.0, crop: float = DataConfig.crop,
+                 decoded_cache_mb: float = DataConfig.decoded_cache_mb) -> Loader:
     """Batches of (images N x 3 x image_size x image_size on `device`, targets) from one data set or a list
     of them (combined into one training set).
 
@@ -90,7 +91,8 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     replaced by the next sample that reads and counted in Loader.skipped. class_balance (training): 0 reads
     every sample once per epoch; above 0, samples are drawn with replacement, weighted by their class's count
     to the power -class_balance (1: every class equally often; data.class_balance). crop: the centre crop's
-    share of the resized shorter side (data.crop; `config`, when given, says it instead).
+    share of the resized shorter side (data.crop; `config`, when given, says it instead). decoded_cache_mb:
+    decoded images the PyTorch pipeline keeps per reading process (data.decoded_cache_mb; 0: none).
     """
     if backend not in DATA_BACKENDS:
         raise ValueError(f"build_loader: backend must be one of {DATA_BACKENDS}, got {backend!r}")
@@ -107,5 +109,5 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     kind = DaliPipeline if use_dali else TorchPipeline
     pipeline = kind(datasets, batch_size, train, device, config=config, seed=seed, rank=rank, world=world,
                     num_workers=num_workers, out_dtype=out_dtype, channels_last=channels_last, timeout=timeout,
-                    class_balance=class_balance)
+                    class_balance=class_balance, decoded_cache_mb=decoded_cache_mb)
     return Loader(pipeline, fmix if train else None, seed)

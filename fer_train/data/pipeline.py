@@ -54,16 +54,18 @@ class Pipeline:
     """Batches of (normalised images on `device`, targets) for one rank; one epoch per iteration. An
     iteration stopped early resumes at the first batch not handed out; state_dict() holds (epoch, position).
     timeout: seconds without a batch from the worker processes before InputWorkerError. class_balance:
-    training samples drawn with weight (their class's count) ** -class_balance (order.sample_weights)."""
+    training samples drawn with weight (their class's count) ** -class_balance (order.sample_weights).
+    decoded_cache_mb: decoded images the PyTorch pipeline keeps per reading process (0: none)."""
 
     def __init__(self, dataset, batch_size: int, train: bool, device: torch.device, *, config=AugmentConfig(),
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 2, out_dtype=torch.float32,
-                 channels_last: bool = False, timeout: float = DataConfig.timeout, class_balance: float = 0.0):
+                 channels_last: bool = False, timeout: float = DataConfig.timeout, class_balance: float = 0.0,
+                 decoded_cache_mb: float = DataConfig.decoded_cache_mb):
         if not timeout > 0:
             raise ValueError(f"the input pipeline's timeout must be a positive number of seconds, got {timeout!r}")
         self.dataset, self.batch_size, self.train, self.device = dataset, batch_size, train, device
         self.config, self.seed, self.out_dtype, self.channels_last = config, seed, out_dtype, channels_last
-        self.num_workers, self.timeout = num_workers, timeout
+        self.num_workers, self.timeout, self.decoded_cache_mb = num_workers, timeout, decoded_cache_mb
         weights = sample_weights(dataset.labels(), class_balance) if train and class_balance else None
         self.order = EpochOrder(len(dataset), batch_size, train, seed, rank, world, weights)
         self.epoch, self.position = 0, 0  # the next batch to read

@@ -4,7 +4,10 @@ the augmentation of docs/method.md section 6 runs on the device as one fused pas
 DataLoader workers read the files (and decode what the GPU cannot: PNG, WebP, JPEGs other than plain
 upright grey or YCbCr ones, or everything on a CPU machine); the main process decodes the batch's JPEGs on
 the GPU, draws each sample's parameters from (seed, epoch, index) and writes the normalised batch with one
-kernel. On a CPU machine the workers also augment, so they share that work as they share decoding. Images
+kernel. On a CPU machine the workers also augment, so they share that work as they share decoding. The
+reading process keeps what it decoded (data.decoded_cache_mb): without workers (data.workers=0), as on a
+small CPU machine where workers would only compete with the training step for its cores, every epoch after
+the first neither reads nor decodes, and a batch costs its augmentation pass alone. Images
 that cannot be read are replaced or raise in the main process (fer_train.data.pipeline); the workers
 ignore stop signals sent to the process group (shield_worker), and the main process waits at most
 `timeout` seconds for a batch.
@@ -64,16 +67,40 @@ class _Fetch:
         target = self.pipeline.target(record)
         if record.path is None:  # generated (synthetic): the data set draws it
             return _Item(part.image(local), False, None, None), target
+        cache = self.pipeline.decoded
+        item = cache.get((id(part), local))
+        if item is None:
+            item = self._read(part, local, record)
+            if not item.encoded and self.pipeline.keep_decoded(item.data):
+                cache[(id(part), local)] = item
+        return item, target
+
+    def _read(self, part, local, record) -> _Item:
         data = part.encoded(local)
         header = parse_header(data)
         # the GPU decoder reads plain JPEGs as decode() does, but applies no EXIF orientation
         if self.gpu_jpeg and header is not None and header.format == "jpeg" and header.plain and \
                 header.orientation == 1 and (part.max_image_pixels is None or header.pixels <= part.max_image_pixels):
-            return _Item(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, record.box, record.path), target
-        return _Item(decode(data, record.path, part.max_image_pixels), False, record.box, record.path), target
+            return _Item(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, record.box, record.path)
+        return _Item(decode(data, record.path, part.max_image_pixels), False, record.box, record.path)
 
 
 class TorchPipeline(Pipeline):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Decoded images by (data set, index), in the process that reads them: the main process's lasts the
+        # run; worker processes start afresh each epoch. A file changed after it was cached is not read again.
+        self.decoded: dict[tuple[int, int], _Item] = {}
+        self._decoded_bytes = 0
+
+    def keep_decoded(self, image: torch.Tensor) -> bool:
+        """Whether `image` fits in what is left of the decoded cache (then it counts against it)."""
+        size = image.numel() * image.element_size()
+        if self._decoded_bytes + size > self.decoded_cache_mb * 2 ** 20:
+            return False
+        self._decoded_bytes += size
+        return True
+
     def __iter__(self):
         batches = self.order.batches(self.epoch)[self.position:]
         gpu = self.device.type == "cuda"

@@ -228,6 +228,7 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys):
     (["--set", "optim.name=sgd", "--set", "optim.decoupled_weight_decay=true"], "SGD's optim.weight_decay is L2"),
     (["--set", "data.crop=0"], "data.crop must be in (0, 1]"),
     (["--set", "data.crop=1.2"], "data.crop must be in (0, 1]"),
+    (["--set", "data.decoded_cache_mb=-1"], "data.decoded_cache_mb must be >= 0"),
 ])
 def test_bad_configs_and_paths_fail_before_any_work(args, message, capsys):
     assert main(args) == 2

@@ -11,6 +11,7 @@ from fer_train.data import MixedTargets, build_loader, open_dataset
 from fer_train.data.dali_pipeline import dali_available, linear_colour
 from fer_train.data.images import decode
 from fer_train.data.order import EpochOrder, sample_weights
+from fer_train.errors import DataError
 from fer_train.recipe.augmentation import AugmentConfig, full_boxes, sample_keys, sample_params
 from fer_train.recipe.fmix import FMix
 from helpers import jpeg, make_ferplus, pattern, png, write
@@ -69,6 +70,26 @@ def test_torch_pipeline_applies_the_specification(tmp_path, train):
         torch.testing.assert_close(images, _expected(dataset, indices.tolist(), train), rtol=0, atol=1e-4)
         assert targets.tolist() == [dataset.records[i].label for i in indices.tolist()]
     assert loader.epoch == 1
+
+
+def test_decoded_images_are_kept_so_later_epochs_read_no_file(tmp_path):
+    """Without workers the main process keeps what it decoded, up to data.decoded_cache_mb: the second
+    epoch gives the same batches with the files gone; with the cache off it reads them again."""
+    dataset = _ferplus(tmp_path, n=8)
+    files = sorted((tmp_path / "ferplus" / "FER2013Train").glob("*.png"))
+    kept, uncached = _loader(dataset, False), _loader(dataset, False, decoded_cache_mb=0)
+    first = [images for images, _ in kept]
+    assert len(kept.pipeline.decoded) == 8 and not uncached.pipeline.decoded
+    torch.testing.assert_close(torch.cat(first), torch.cat([images for images, _ in uncached]), rtol=0, atol=0)
+    for path in files:
+        path.write_bytes(b"")
+    torch.testing.assert_close(torch.cat([images for images, _ in kept]), torch.cat(first), rtol=0, atol=0)
+    with pytest.raises(DataError, match="img0.png"):
+        next(iter(uncached))
+    two = 2 * 48 * 48 / 2 ** 20  # room for two of the 48 x 48 grey images
+    capped = _loader(_ferplus(tmp_path / "again", n=8), False, decoded_cache_mb=two)
+    list(capped)
+    assert len(capped.pipeline.decoded) == 2
 
 
 def test_order_is_reproducible_and_resumable(tmp_path):
