@@ -47,8 +47,8 @@ class DataConfig:
     max_image_pixels: int = 50_000_000  # larger images (by their header) are bad input: decompression bombs
     image_size: int = 224
     crop: float = 0.875  # the centre crop's side over the resized shorter side: the paper's 224 of 256; less zooms in
-    backend: str = "auto"  # DALI where installed, else the PyTorch pipeline
-    workers: int = 2
+    backend: str = "auto"  # DALI where installed and the device is a GPU, else the PyTorch pipeline
+    workers: int | None = None  # input worker processes; None: 2 on a GPU, 0 on a CPU (build_loader says why)
     # decoded images the PyTorch pipeline keeps per reading process (the main one with workers=0), so later
     # epochs skip reading and decoding them; 0: off. FERPlus, 48 x 48 grey, takes 66 MB.
     decoded_cache_mb: int = 1024
@@ -356,7 +356,7 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
     for where, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where} must be positive, got {value}")
-    if d.workers < 0:
+    if d.workers is not None and d.workers < 0:
         raise ConfigError(f"data.workers must be >= 0, got {d.workers}")
     if d.decoded_cache_mb < 0:
         raise ConfigError(f"data.decoded_cache_mb must be >= 0 (0: no cache), got {d.decoded_cache_mb}")

@@ -157,16 +157,21 @@ def _run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Compl
 
 def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path):
     """Two processes of micro-batch 4 read the micro-batches one process reads with 2-fold accumulation,
-    with the same FMix draws, so the parameters agree (batch-norm running statistics differ by design:
-    DDP keeps rank 0's)."""
+    with the same FMix draws, so the parameters agree to the last bit when both run one thread per process
+    (batch-norm running statistics differ by design: DDP keeps rank 0's)."""
     common = ["--steps", "3", "--batch-size", "8", "--set", "train.micro_batch=4", *TINY]
     ddp = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fer_train", "train",
                     "--out", str(tmp_path / "ddp"), *common])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "x 2 processes" in ddp.stdout and ddp.stdout.count("test results") == 1  # rank 0 alone prints
-    assert main(["train", "--out", str(tmp_path / "one"), *common]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each DDP process: convolutions split their sums by the thread count
+    try:
+        assert main(["train", "--out", str(tmp_path / "one"), *common]) == 0
+    finally:
+        torch.set_num_threads(threads)
     _same_parameters(checkpoint.load(tmp_path / "ddp" / "last.pt")["model"],
-                     checkpoint.load(tmp_path / "one" / "last.pt")["model"], atol=1e-5)
+                     checkpoint.load(tmp_path / "one" / "last.pt")["model"])
 
 
 def test_ddp_ranks_agree_on_the_length_a_time_budget_sets(tmp_path):

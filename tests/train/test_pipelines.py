@@ -92,6 +92,16 @@ def test_decoded_images_are_kept_so_later_epochs_read_no_file(tmp_path):
     assert len(capped.pipeline.decoded) == 2
 
 
+def test_auto_reads_in_the_main_process_through_pytorch_on_the_cpu(tmp_path):
+    """On the CPU the training step keeps every core busy: auto takes the PyTorch pipeline without workers
+    (DALI's CPU graph and worker processes only compete with it); what is asked for is kept."""
+    dataset = _ferplus(tmp_path, n=4)
+    auto = build_loader(dataset, 4, True, device="cpu", config=CONFIG)
+    assert (auto.backend, auto.pipeline.num_workers) == ("torch", 0)
+    asked = build_loader(dataset, 4, True, device="cpu", backend="torch", num_workers=1, config=CONFIG)
+    assert asked.pipeline.num_workers == 1
+
+
 def test_order_is_reproducible_and_resumable(tmp_path):
     dataset = _ferplus(tmp_path)
     first = [x for x, _ in _loader(dataset, True, seed=3)]
