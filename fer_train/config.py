@@ -49,8 +49,8 @@ class DataConfig:
     crop: float = 0.875  # the centre crop's side over the resized shorter side: the paper's 224 of 256; less zooms in
     backend: str = "auto"  # DALI where installed and the device is a GPU, else the PyTorch pipeline
     workers: int | None = None  # input worker processes; None: 2 on a GPU, 0 on a CPU (build_loader says why)
-    # decoded images the PyTorch pipeline keeps per reading process (the main one with workers=0), so later
-    # epochs skip reading and decoding them; 0: off. FERPlus, 48 x 48 grey, takes 66 MB.
+    # decoded images the PyTorch pipeline keeps when it reads in the main process (workers=0), so later epochs
+    # skip reading and decoding them; 0: off. FERPlus, 48 x 48 grey, takes 66 MB.
     decoded_cache_mb: int = 1024
     timeout: float = 300.0  # seconds without a batch from the input pipeline's workers before the run stops
     class_weights: str = "eq3"  # docs/method.md section 4: eq3, eq4 or none

@@ -96,7 +96,7 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     every sample once per epoch; above 0, samples are drawn with replacement, weighted by their class's count
     to the power -class_balance (1: every class equally often; data.class_balance). crop: the centre crop's
     share of the resized shorter side (data.crop; `config`, when given, says it instead). decoded_cache_mb:
-    decoded images the PyTorch pipeline keeps per reading process (data.decoded_cache_mb; 0: none).
+    decoded images the PyTorch pipeline keeps when it reads in the main process (data.decoded_cache_mb; 0: none).
     """
     if backend not in DATA_BACKENDS:
         raise ValueError(f"build_loader: backend must be one of {DATA_BACKENDS}, got {backend!r}")

@@ -55,7 +55,7 @@ class Pipeline:
     iteration stopped early resumes at the first batch not handed out; state_dict() holds (epoch, position).
     timeout: seconds without a batch from the worker processes before InputWorkerError. class_balance:
     training samples drawn with weight (their class's count) ** -class_balance (order.sample_weights).
-    decoded_cache_mb: decoded images the PyTorch pipeline keeps per reading process (0: none)."""
+    decoded_cache_mb: decoded images the PyTorch pipeline keeps when it reads in the main process (0: none)."""
 
     def __init__(self, dataset, batch_size: int, train: bool, device: torch.device, *, config=AugmentConfig(),
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 2, out_dtype=torch.float32,

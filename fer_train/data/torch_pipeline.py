@@ -4,10 +4,10 @@ the augmentation of docs/method.md section 6 runs on the device as one fused pas
 DataLoader workers read the files (and decode what the GPU cannot: PNG, WebP, JPEGs other than plain
 upright grey or YCbCr ones, or everything on a CPU machine); the main process decodes the batch's JPEGs on
 the GPU, draws each sample's parameters from (seed, epoch, index) and writes the normalised batch with one
-kernel. On a CPU machine the workers also augment, so they share that work as they share decoding. The
-reading process keeps what it decoded (data.decoded_cache_mb): without workers (data.workers=0), as on a
-small CPU machine where workers would only compete with the training step for its cores, every epoch after
-the first neither reads nor decodes, and a batch costs its augmentation pass alone. Images
+kernel. On a CPU machine the workers also augment, so they share that work as they share decoding. Without
+workers (data.workers=0, the default on a CPU, where workers would only compete with the training step for
+its cores) the main process keeps what it decodes (up to data.decoded_cache_mb), so every epoch after the
+first neither reads nor decodes, and a batch costs its augmentation pass alone. Images
 that cannot be read are replaced or raise in the main process (fer_train.data.pipeline); the workers
 ignore stop signals sent to the process group (shield_worker), and the main process waits at most
 `timeout` seconds for a batch.
@@ -88,15 +88,16 @@ class _Fetch:
 class TorchPipeline(Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Decoded images by (data set, index), in the process that reads them: the main process's lasts the
-        # run; worker processes start afresh each epoch. A file changed after it was cached is not read again.
+        # Decoded images by (data set, index), kept when the main process reads (no workers): worker processes
+        # end with each epoch, and their copies with them. A file changed after it was kept is not read again.
         self.decoded: dict[tuple[int, int], _Item] = {}
         self._decoded_bytes = 0
 
     def keep_decoded(self, image: torch.Tensor) -> bool:
-        """Whether `image` fits in what is left of the decoded cache (then it counts against it)."""
+        """Whether `image` is kept: read in the main process and within what is left of the decoded cache
+        (then it counts against it)."""
         size = image.numel() * image.element_size()
-        if self._decoded_bytes + size > self.decoded_cache_mb * 2 ** 20:
+        if self.num_workers > 0 or self._decoded_bytes + size > self.decoded_cache_mb * 2 ** 20:
             return False
         self._decoded_bytes += size
         return True
