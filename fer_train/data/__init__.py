@@ -7,8 +7,8 @@ Data flows one way: files -> readers -> pipelines -> the engine.
   facial_expressions, the built-in synthetic faces).
 - splits: class_weights (docs/method.md eq. 3 / eq. 4), mixed_split (the mixed evaluation split).
 - pipeline (the shared base: bad images met mid-run, input worker processes), dali_pipeline, torch_pipeline,
-  order, and loader.build_loader, which picks DALI where it is installed and the PyTorch pipeline elsewhere;
-  both give a sample the same pixels and the same augmentation.
+  order, and loader.build_loader, which picks DALI for a GPU where it is installed and the PyTorch pipeline
+  elsewhere; both give a sample the same pixels and the same augmentation.
 """
 
 from fer_train.data.base import CLASSES, CombinedDataset, FERDataset, Record
