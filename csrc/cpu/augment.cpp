@@ -114,8 +114,8 @@ void augment_image(const Source& src, const float* m, const float* colour, scala
       if constexpr (Grey) {
         // Three equal channels stay equal through saturation, and the hue rotation of a colour without chroma
         // gives it back: the general path's arithmetic on one value, so the same bits.
-        rgb[0] = clamp01(grey_of(rgb[0], rgb[0], rgb[0]) + saturation * (rgb[0] - grey_of(rgb[0], rgb[0], rgb[0])));
-        rgb[1] = rgb[2] = rgb[0];
+        const T g = grey_of(rgb[0], rgb[0], rgb[0]);
+        rgb[0] = rgb[1] = rgb[2] = clamp01(g + saturation * (rgb[0] - g));
       } else {
         const T g = grey_of(rgb[0], rgb[1], rgb[2]);
         for (T& c : rgb) c = clamp01(g + saturation * (c - g));
