@@ -43,7 +43,8 @@ from torchvision.io import encode_png
 
 from fer_train.data.images import decode, parse_header
 from fer_train.errors import DataError
-from fer_train.data.pipeline import Pipeline, shield_worker, stack_targets, starting_workers, worker_failure
+from fer_train.data.pipeline import (Pipeline, is_stopped, shield_worker, stack_targets, starting_workers,
+                                     worker_failure)
 from fer_train.recipe.augmentation import AugmentParams, apply, full_boxes
 
 
@@ -246,6 +247,10 @@ class DaliPipeline(Pipeline):
                     raise
                 self._pipe = None  # its workers are gone: the next iteration builds a new one
                 raise failure from err
+            if self._stalled is not None:  # the batch came from a stopped worker resumed to end the wait
+                failure = self._stalled
+                self.close()
+                raise failure
             report = np.array(outputs[-1][0])
             if report.size:
                 report = json.loads(report.tobytes())
@@ -260,7 +265,10 @@ class DaliPipeline(Pipeline):
 
     def _run(self):
         """The next batch, waiting at most `timeout` seconds for the workers: then a timer records their
-        states and kills them, which ends the wait (DALI stops when a worker exits); __iter__ raises."""
+        states and ends the wait, and __iter__ raises. It kills a running worker (DALI stops when a worker
+        exits) but resumes a stopped one: DALI's task queue waits for a worker it wakes to take the task
+        (multiprocessing.Condition.notify), so a stopped worker, or one killed while stopped, would hold the
+        main process in that wait for good."""
         workers = self._workers()
         if not workers:
             return self._pipe.run()
@@ -273,7 +281,7 @@ class DaliPipeline(Pipeline):
                     for process in workers:
                         if process.exitcode is None:
                             with contextlib.suppress(ProcessLookupError):
-                                os.kill(process.pid, signal.SIGKILL)
+                                os.kill(process.pid, signal.SIGCONT if is_stopped(process) else signal.SIGKILL)
 
         timer = threading.Timer(self.timeout, stalled)
         timer.daemon = True

@@ -30,7 +30,7 @@ from fer_train.data.order import EpochOrder, sample_weights
 from fer_train.errors import DataError
 from fer_train.recipe.augmentation import AugmentConfig, AugmentParams, sample_keys, sample_params
 
-__all__ = ["InputWorkerError", "Pipeline", "shield_worker", "stack_targets", "starting_workers", "worker_failure",
+__all__ = ["InputWorkerError", "Pipeline", "is_stopped", "shield_worker", "stack_targets", "starting_workers", "worker_failure",
            "worker_state"]
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -204,9 +204,8 @@ def worker_state(process) -> tuple[bool, str]:
             hint = " (the out-of-memory killer sends SIGKILL: see `dmesg`)" if -code == signal.SIGKILL else ""
             return True, f"pid {process.pid} was killed by {name}{hint}"
         return True, f"pid {process.pid} exited with status {code}"
-    try:
-        state = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
+    state = _state(process.pid)
+    if state is None:
         return True, f"pid {process.pid} has exited"
     if state in ("T", "t"):
         return True, f"pid {process.pid} is stopped (state {state}: SIGSTOP, Ctrl-Z or a debugger)"
@@ -214,6 +213,19 @@ def worker_state(process) -> tuple[bool, str]:
         return True, f"pid {process.pid} has exited"
     what = {"R": "is running", "S": "is waiting (state S)", "D": "is waiting for the disk or network (state D)"}
     return False, f"pid {process.pid} {what.get(state, f'is in state {state}')}"
+
+
+def is_stopped(process) -> bool:
+    """Whether a worker process (a multiprocessing.Process) is stopped: SIGSTOP, Ctrl-Z or a debugger."""
+    return process.exitcode is None and _state(process.pid) in ("T", "t")
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc/PID/stat (R, S, D, T, Z, ...), None when it has gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def worker_failure(kind: str, processes, waited: float | None, timeout: float) -> InputWorkerError | None:

@@ -179,3 +179,8 @@ class TorchPipeline(Pipeline):
 
 def _worker_init(main: int, worker_id: int) -> None:
     shield_worker(main)
+    # Batches reach the main process through shared-memory files it opens by name. The default, passing file
+    # descriptors, has the main process ask the worker for each one while it unpickles a batch: a worker
+    # stopped (SIGSTOP, Ctrl-Z, a debugger) with a batch in the queue would hang the main process there,
+    # beyond the reach of data.timeout, instead of ending the wait with the worker's state.
+    torch.multiprocessing.set_sharing_strategy("file_system")

@@ -5,6 +5,7 @@ an error naming it instead of failing obscurely or hanging. Each case runs in a 
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -56,19 +57,20 @@ def test_a_stop_signal_to_the_group_saves_and_resumes_exactly(tmp_path, backend)
         assert torch.equal(resumed["model"][key], value), key
 
 
-def _reader(backend: str, stop_handler: bool = False) -> str:
+def _reader(backend: str, stop_handler: bool = False, hold: bool = False) -> str:
     """A script reading a synthetic set with one worker and a 3 s timeout, which prints the worker's pid after
     the first batch; with stop_handler, it handles SIGTERM and SIGINT as the engine does and waits for one
-    before reading on."""
+    before reading on; with hold, it reads on once a line comes on its standard input."""
     handler = """
-got = []
 for stop in (signal.SIGTERM, signal.SIGINT):
     signal.signal(stop, lambda signum, frame: got.append(signum))
-""" if stop_handler else "got = [None]\n"
+""" if stop_handler else ""
+    wait = "while not got:\n    time.sleep(0.01)" if stop_handler else "sys.stdin.readline()" if hold else ""
     return f"""
-import multiprocessing, signal, time
+import multiprocessing, signal, sys, time
 from fer_train.data import build_loader, open_dataset
 from fer_train.recipe.augmentation import AugmentConfig
+got = []
 {handler}
 data = open_dataset("synthetic", None, "val", size=16, length=400)
 loader = build_loader(data, 4, False, device="cpu", backend={backend!r}, num_workers=1, timeout=3,
@@ -76,8 +78,7 @@ loader = build_loader(data, 4, False, device="cpu", backend={backend!r}, num_wor
 batches = iter(loader)
 next(batches)
 print("worker", *[p.pid for p in multiprocessing.active_children()], flush=True)
-while not got:
-    time.sleep(0.01)
+{wait}
 for _ in batches:
     pass
 print("read everything", flush=True)
@@ -121,11 +122,14 @@ def test_a_killed_worker_is_named_with_how_it_ended(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_stopped_worker_ends_the_wait_with_its_state(backend):
-    process = python_process(["-c", _reader(backend)])
+    """Stopped a second after the first batch, when it has filled the queue while the main process held: the
+    batches it sent before the stop are still to be read, and reading them must not need the worker."""
+    process = python_process(["-c", _reader(backend, hold=True)], stdin=subprocess.PIPE)
     worker = _worker(process)
+    time.sleep(1.0)
     os.kill(worker, signal.SIGSTOP)
     try:
-        out, err = _finish(process, timeout=60)  # the 3 s timeout, not forever
+        out, err = _finish(process, timeout=60, input="go\n")  # the 3 s timeout, not forever
     finally:
         for sig in (signal.SIGCONT, signal.SIGKILL):  # whatever happened, nothing is left stopped
             try:
