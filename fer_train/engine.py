@@ -108,10 +108,8 @@ class Trainer:
             self._restore(resume)
             self.last_good = resume["path"]
         self._checked_step = self.step  # the last step whose loss and weights were seen finite
-        self.net = self.model
-        if self.dist.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = self.model if self.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = torch.compile(self.net) if t.compile else self.net
         if self.dist.world > 1:  # every rank uses rank 0's run folder (a default name holds the start time)
             shared = [str(self.run_dir)]
@@ -270,8 +268,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         started = self._session_start - self._elapsed_before  # resumed: the whole run, all sessions, fits the budget
         budget = Budget(parse_duration(t.time_budget), started) if t.time_budget else None
-        self._upper_steps = t.steps  # a time budget sets the length, at most this
-        step_seconds = []
+        self._upper_steps, step_seconds = t.steps, []  # a time budget sets the length, at most this
         try:
             while self.step < t.steps:
                 started = time.perf_counter()
@@ -308,12 +305,14 @@ class Trainer:
                     self.log.message(f"stopped ({stopped}) at step {self.step}; checkpoint {self.last_good}; resume "
                                      f"with `python -m fer_train train --resume {self.run_dir}`")
                     break
-        finally:
+            restore_signals()  # the final evaluation stops at a signal as any command does
+            results = [] if stopped else self.final_evaluation()
+        finally:  # however it ends (an error too), the input workers end now and the log is complete
             restore_signals()
-        results = [] if stopped else self.final_evaluation()
-        for loader in (self.loader, *self._eval_loaders.values()):
-            loader.close()  # now: at the process's end DALI would wait for each worker in turn
-        self.log.close()
+            batches.close()
+            for loader in (self.loader, *self._eval_loaders.values()):
+                loader.close()  # now: at the process's end DALI would wait for each worker in turn
+            self.log.close()
         return {"stopped": stopped, "step": self.step, "results": results, "best": self.best}
 
     def _follow_budget(self, budget: Budget, step_seconds: list, session_start: int) -> bool:

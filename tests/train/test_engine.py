@@ -218,6 +218,29 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys):
     assert checkpoint.load(run / "last.pt")["step"] == 2  # the diverged model was not saved
 
 
+def test_a_run_that_fails_ends_its_input_workers_and_closes_its_log(tmp_path, monkeypatch):
+    """An error mid-run (here from the loss at step 3) leaves no input worker process behind in a program
+    that goes on and keeps the traceback (as an interactive session does), and the run's log files are
+    closed."""
+    import multiprocessing
+
+    original = Trainer._loss
+
+    def failing(self, logits, targets):
+        if self.step >= 2:
+            raise ValueError("a bug in the loss")
+        return original(self, logits, targets)
+
+    monkeypatch.setattr(Trainer, "_loss", failing)
+    overrides = parse_overrides(TINY[1::2] + ["data.workers=1"])
+    overrides["train"].update(steps=6, batch_size=4, out=str(tmp_path))
+    trainer = Trainer(build_config("default", overrides=overrides), tmp_path)
+    with pytest.raises(ValueError, match="a bug in the loss") as failure:
+        trainer.fit()
+    assert failure.tb is not None and multiprocessing.active_children() == []
+    assert trainer.log._metrics.closed
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ferplus", "/no/such/folder"], "data.ferplus: /no/such/folder is not a folder"),
     (["--set", "optim.lr=fast"], "optim.lr: 'fast' is not a valid float"),
