@@ -30,8 +30,8 @@ from fer_train.data.order import EpochOrder, sample_weights
 from fer_train.errors import DataError
 from fer_train.recipe.augmentation import AugmentConfig, AugmentParams, sample_keys, sample_params
 
-__all__ = ["InputWorkerError", "Pipeline", "is_stopped", "shield_worker", "stack_targets", "starting_workers", "worker_failure",
-           "worker_state"]
+__all__ = ["InputWorkerError", "Pipeline", "is_stopped", "shield_worker", "stack_targets", "starting_workers",
+           "worker_failure", "worker_state"]
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 RESUME = "python -m fer_train train --resume RUN"
