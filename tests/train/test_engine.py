@@ -234,10 +234,11 @@ def test_a_run_that_fails_ends_its_input_workers_and_closes_its_log(tmp_path, mo
     monkeypatch.setattr(Trainer, "_loss", failing)
     overrides = parse_overrides(TINY[1::2] + ["data.workers=1"])
     overrides["train"].update(steps=6, batch_size=4, out=str(tmp_path))
+    before = set(multiprocessing.active_children())  # of earlier tests in this process, such as compile workers
     trainer = Trainer(build_config("default", overrides=overrides), tmp_path)
     with pytest.raises(ValueError, match="a bug in the loss") as failure:
         trainer.fit()
-    assert failure.tb is not None and multiprocessing.active_children() == []
+    assert failure.tb is not None and set(multiprocessing.active_children()) <= before
     assert trainer.log._metrics.closed
 
 
