@@ -34,6 +34,7 @@ __all__ = ["InputWorkerError", "Pipeline", "is_stopped", "shield_worker", "stack
            "worker_failure", "worker_state"]
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_STOPPED = ("T", "t")  # /proc/PID/stat states of a stopped process: by a signal, by a debugger
 RESUME = "python -m fer_train train --resume RUN"
 
 
@@ -207,7 +208,7 @@ def worker_state(process) -> tuple[bool, str]:
     state = _state(process.pid)
     if state is None:
         return True, f"pid {process.pid} has exited"
-    if state in ("T", "t"):
+    if state in _STOPPED:
         return True, f"pid {process.pid} is stopped (state {state}: SIGSTOP, Ctrl-Z or a debugger)"
     if state in ("Z", "X"):
         return True, f"pid {process.pid} has exited"
@@ -217,7 +218,7 @@ def worker_state(process) -> tuple[bool, str]:
 
 def is_stopped(process) -> bool:
     """Whether a worker process (a multiprocessing.Process) is stopped: SIGSTOP, Ctrl-Z or a debugger."""
-    return process.exitcode is None and _state(process.pid) in ("T", "t")
+    return process.exitcode is None and _state(process.pid) in _STOPPED
 
 
 def _state(pid: int) -> str | None:
