@@ -119,7 +119,8 @@ def _small_map_convolutions(device) -> str:
     if conv.SMALL_MAP <= 0:
         return "; conv weight gradient oneDNN"
     taps = f", every pass by kernel tap on maps of at most {conv.TAP_MAP} positions" if conv.TAP_MAP > 0 else ""
-    return f"; conv weight gradient unfolded on maps of at most min({conv.SMALL_MAP}, output channels) positions{taps}"
+    return (f"; conv weight gradient unfolded on maps of at most min({conv.SMALL_MAP}, output channels) positions"
+            f"{taps} (bfloat16: {min(conv.SMALL_MAP, conv.BF16_SMALL_MAP)} and {conv.BF16_TAP_MAP})")
 
 
 def weight_decay(optim) -> str:

@@ -15,11 +15,17 @@ the forward pass and both gradients are one matrix product per kernel tap over t
 position pairs it joins (conv2d_by_taps). im2col and oneDNN multiply the zero padding too, which on such
 maps is most of the work: a 3x3 kernel over a 2 x 2 map joins 16 pairs where im2col computes 36.
 
-The paths are taken only where they are exact and measured: on the CPU, float32 or float64 without
-autocast, zero padding, no dilation, no groups, and when gradients are being recorded; everything else is
-``torch.nn.Conv2d`` itself, and parameters and state-dict keys are Conv2d's. Under torch.compile the
-products by tap are left out (their non-finite guard is a data-dependent branch). FER_KERNELS_SMALL_MAP=0 in
-the environment (read at import) turns both off; another number sets the largest map they serve.
+bfloat16 (CPU autocast to bfloat16, or a bfloat16 layer and input) has limits of its own, measured on CPUs
+with AVX-512 BF16, where oneDNN's bfloat16 kernels are as wasteful on small maps: by taps on output maps of
+at most BF16_TAP_MAP positions, 1 x 1 kernels included, and the unfolded weight gradient up to BF16_SMALL_MAP.
+The products take bfloat16 operands like oneDNN's; the sums over taps are kept in float32 and rounded once.
+
+The paths are taken only where they are exact (bfloat16: to its rounding) and measured: on the CPU, float32
+or float64 without autocast, or bfloat16 as above, zero padding, no dilation, no groups, and when gradients
+are being recorded; everything else is ``torch.nn.Conv2d`` itself, and parameters and state-dict keys are
+Conv2d's. Under torch.compile the products by tap and every bfloat16 path are left out (the taps' non-finite
+guard is a data-dependent branch; bfloat16 under compile is not measured). FER_KERNELS_SMALL_MAP=0 in the
+environment (read at import) turns all of them off; another number caps the largest map they serve.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from torch import nn
 
 from fer_kernels.ops._layout import in_format, is_channels_last, tail_format
 
-__all__ = ["Conv2d", "SMALL_MAP", "TAP_MAP", "conv2d_by_taps", "conv2d_weight_grad"]
+__all__ = ["BF16_SMALL_MAP", "BF16_TAP_MAP", "Conv2d", "SMALL_MAP", "TAP_MAP", "conv2d_by_taps", "conv2d_weight_grad"]
 
 # Output positions (Ho x Wo) up to which the unfolded weight gradient may be used; it is used where the map
 # also has no more positions than the layer has output channels (unfolds_weight_grad). Measured on 2 AVX2
@@ -53,20 +59,36 @@ if os.environ.get(ENV_SMALL_MAP, "").strip():
                          f"(0 turns the unfolded weight gradient off; the default is {SMALL_MAP})") from None
 # Output positions up to which a layer on the unfolded path computes everything by taps (by_taps).
 TAP_MAP = 4
+# The same two limits for bfloat16, measured on 2 cores with AVX-512 BF16 against oneDNN's bfloat16 passes
+# (benchmarks/results/cpu-avx512-bf16-conv/): by taps for 1 x 1 kernels too (the 512-channel 3x3 on 2 x 2,
+# batch 32: forward + both gradients 3.3-4.5 ms against 9-13.5 ms; the gate's 1x1 on 1 x 1: 0.33 against
+# 0.93 ms), and on 3 x 3 maps no faster than unfolded; the unfolded weight gradient up to 7 x 7 (224 px
+# stage 4), beyond which oneDNN's bfloat16 passes are as fast or faster.
+BF16_TAP_MAP = 4
+BF16_SMALL_MAP = 49
 # The unfolded input is built for this many bytes at a time (whole samples), so that a large batch does not
 # allocate one huge matrix.
 _CHUNK_BYTES = 32 << 20
 
 
-def by_taps(out_positions: int, kernel_taps: int) -> bool:
+def by_taps(out_positions: int, kernel_taps: int, bfloat16: bool = False) -> bool:
     """Whether a layer on the unfolded path computes its forward pass and both gradients by kernel tap
-    (conv2d_by_taps) instead: output maps of at most TAP_MAP positions under a kernel larger than 1 x 1."""
+    (conv2d_by_taps) instead: output maps of at most TAP_MAP positions under a kernel larger than 1 x 1; in
+    bfloat16, of at most BF16_TAP_MAP positions under any kernel."""
+    if bfloat16:
+        return 0 < out_positions <= BF16_TAP_MAP
     return 0 < out_positions <= TAP_MAP and kernel_taps > 1
 
 
-def unfolds_weight_grad(positions: int, out_channels: int) -> bool:
+def unfolds_weight_grad(positions: int, out_channels: int, bfloat16: bool = False) -> bool:
     """Whether a layer with this many output positions and channels takes the unfolded weight gradient."""
-    return 0 < positions <= min(SMALL_MAP, out_channels)
+    limit = min(SMALL_MAP, BF16_SMALL_MAP) if bfloat16 else SMALL_MAP
+    return 0 < positions <= min(limit, out_channels)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of products are kept in: float32 for the 16-bit types, so that they are rounded once."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
@@ -78,10 +100,11 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
     n, k, ho, wo = grad.shape
     c, kh, kw = weight_shape[1], weight_shape[2], weight_shape[3]
     (sh, sw), (ph, pw) = stride, padding
-    out = grad.new_zeros((k, kh * kw * c))
     if n == 0:
-        return out.view(k, kh, kw, c).permute(0, 3, 1, 2)
+        return grad.new_zeros((k, kh, kw, c)).permute(0, 3, 1, 2)
     rows = max(1, _CHUNK_BYTES // max(1, ho * wo * kh * kw * c * x.element_size()))
+    # one chunk: its product is the gradient; more: summed in the accumulator dtype, rounded once at the end
+    out = None if rows >= n else grad.new_zeros((k, kh * kw * c), dtype=_accumulator(grad.dtype))
     for start in range(0, n, rows):
         xs = x[start:start + rows].permute(0, 2, 3, 1)  # N H W C: a view for channels-last inputs
         if ph or pw:
@@ -89,8 +112,13 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape, stride
         # windows: N x Ho x Wo x C x kh x kw (views), then one copy into rows of (kh, kw, C)
         cols = xs.unfold(1, kh, sh).unfold(2, kw, sw).permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * c)
         g = grad[start:start + rows].permute(0, 2, 3, 1).reshape(-1, k)
-        out.addmm_(g.t(), cols)
-    return out.view(k, kh, kw, c).permute(0, 3, 1, 2)
+        if out is None:
+            out = torch.mm(g.t(), cols)
+        elif out.dtype == cols.dtype:
+            out.addmm_(g.t(), cols)
+        else:
+            out.add_(torch.mm(g.t(), cols))
+    return out.to(grad.dtype).view(k, kh, kw, c).permute(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,11 +179,13 @@ def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding)
     (ho, wo), taps = tap_windows((h, w), (kh, kw), tuple(stride), tuple(padding))
     xs = _by_position(x)
     wt = _by_tap(weight)
-    acc = bias.expand(ho, wo, n, k).clone() if bias is not None else x.new_zeros(ho, wo, n, k)
+    acc = x.new_zeros(ho, wo, n, k, dtype=_accumulator(x.dtype))
+    if bias is not None:
+        acc.copy_(bias.expand(ho, wo, n, k))
     for tap, out_window, in_window in taps:
         target = acc[out_window]
         target.add_(torch.mm(xs[in_window].reshape(-1, c), wt[tap].t()).view(target.shape))
-    out = acc.permute(2, 3, 0, 1)
+    out = acc.to(x.dtype).permute(2, 3, 0, 1)
     return in_format(out, torch.channels_last if is_channels_last(x) or is_channels_last(weight)
                      else torch.contiguous_format)
 
@@ -170,7 +200,7 @@ def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     _, taps = tap_windows((h, w), (kh, kw), tuple(stride), tuple(padding))
     xs, gs = _by_position(x), _by_position(grad)
     wt = _by_tap(weight)
-    dxs = x.new_zeros(h, w, n, c) if need_input else None
+    dxs = x.new_zeros(h, w, n, c, dtype=_accumulator(x.dtype)) if need_input else None
     dwt = _weight_grad_by_tap(weight, {tap for tap, _, _ in taps}) if need_weight else None
     for tap, out_window, in_window in taps:
         g = gs[out_window].reshape(-1, k)
@@ -181,7 +211,7 @@ def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
             torch.mm(g.t(), xs[in_window].reshape(-1, c), out=dwt[tap])
     dx = dw = None
     if need_input:
-        dx = in_format(dxs.permute(2, 3, 0, 1), tail_format(x))
+        dx = in_format(dxs.to(x.dtype).permute(2, 3, 0, 1), tail_format(x))
     if need_weight:
         dw = dwt.view(kh, kw, k, c).permute(2, 3, 0, 1)
         dw = in_format(dw, tail_format(weight))
@@ -246,9 +276,26 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._small_map_path(x)
-        if path:
-            return _SmallMapConv.apply(x, self.weight, self.bias, self.stride, self.padding, path == "taps")
-        return super().forward(x)
+        if not path:
+            return super().forward(x)
+        taps = path == "taps"
+        if torch.is_autocast_enabled("cpu"):  # autocast's casts for a convolution, then our passes in bfloat16
+            x, weight, bias = (None if t is None else t.to(torch.bfloat16) for t in (x, self.weight, self.bias))
+            with torch.autocast("cpu", enabled=False):
+                return _SmallMapConv.apply(x, weight, bias, self.stride, self.padding, taps)
+        return _SmallMapConv.apply(x, self.weight, self.bias, self.stride, self.padding, taps)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the convolution computes in where one of our paths may serve it: float32 or float64 without
+        autocast, bfloat16 for a bfloat16 layer and input or under CPU autocast to bfloat16; else None."""
+        if torch.is_autocast_enabled("cpu"):
+            usable = (torch.get_autocast_dtype("cpu") == torch.bfloat16
+                      and x.dtype in (torch.float32, torch.bfloat16)
+                      and self.weight.dtype in (torch.float32, torch.bfloat16))
+            return torch.bfloat16 if usable else None
+        if x.dtype in (torch.float32, torch.float64, torch.bfloat16) and self.weight.dtype == x.dtype:
+            return x.dtype
+        return None
 
     def _small_map_path(self, x: torch.Tensor) -> str | None:
         """"taps", "unfolded" or None (torch.nn.Conv2d's own)."""
@@ -256,16 +303,19 @@ class Conv2d(nn.Conv2d):
             return None
         if torch.jit.is_tracing() or torch.jit.is_scripting():  # exporters see the plain convolution
             return None
-        if (x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype
-                or torch.is_autocast_enabled("cpu")):
+        dtype = self._compute_dtype(x)
+        bfloat16 = dtype == torch.bfloat16
+        # Under torch.compile the products by taps are left out: their guard against non-finite weights
+        # (_SmallMapConv.forward) is a data-dependent branch, which would break the graph. bfloat16 there is
+        # left to oneDNN, as it was not measured.
+        compiling = torch.compiler.is_compiling()
+        if dtype is None or (bfloat16 and compiling):
             return None
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return None
         kh, kw = self.kernel_size
         ho, wo = _output_size(x.shape[-2:], self.kernel_size, self.stride, self.padding)
-        if not (ho > 0 and wo > 0 and unfolds_weight_grad(ho * wo, self.out_channels)):
+        if not (ho > 0 and wo > 0 and unfolds_weight_grad(ho * wo, self.out_channels, bfloat16)):
             return None
-        # Under torch.compile the products by taps are left out: their guard against non-finite weights
-        # (_SmallMapConv.forward) is a data-dependent branch, which would break the graph.
-        taps = by_taps(ho * wo, kh * kw) and not torch.compiler.is_compiling()
+        taps = by_taps(ho * wo, kh * kw, bfloat16) and not compiling
         return "taps" if taps else "unfolded"
