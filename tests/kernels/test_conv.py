@@ -234,9 +234,9 @@ def test_empty_batch_gives_zero_weight_gradient(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
 def test_non_finite_values_propagate_like_torch(size, where, dtype, monkeypatch):
     """Also where F.conv2d's zero padding meets an inf or NaN (0 * inf = NaN), which the products by taps skip.
-    In bfloat16 torch's own convolution (oneDNN's) is not consistent
-    either: it skips the padding, and turns a sample with an infinite input wholly into NaN where the sums are
-    +-inf; there the same entries must be non-finite, and the finite ones agree."""
+    In bfloat16 torch's own convolution (oneDNN's) is not consistent either: it skips the padding, and turns a
+    sample with an infinite input wholly into NaN where the sums are +-inf; there the same entries must be
+    non-finite, and the finite ones agree."""
     calls = _count_calls(monkeypatch)
     ours, plain = _pair((3, 12, 3, 1, 1, (size, size)), dtype, False)
     x = torch.randn(2, 3, size, size, dtype=dtype)
@@ -313,7 +313,8 @@ def test_resnet_at_48px_uses_it_and_matches_plain_convolutions(monkeypatch):
 
 def test_resnet_at_48px_under_bfloat16_autocast_uses_the_bfloat16_limits(monkeypatch):
     """Stage 4 (2 x 2 maps) and the eight gates by taps, stages 3 and 2 (3 x 3, 6 x 6) unfolded, stage 1
-    (12 x 12) and the stem oneDNN's; the gradients are as close to float64's as with oneDNN's bfloat16 convolutions."""
+    (12 x 12) and the stem oneDNN's; the gradients are as close to float64's as with oneDNN's bfloat16
+    convolutions."""
     calls = _count_calls(monkeypatch)
     torch.manual_seed(7)
     model = resnet18(num_classes=8).to(memory_format=torch.channels_last)
