@@ -179,9 +179,8 @@ def conv2d_by_taps(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding)
     (ho, wo), taps = tap_windows((h, w), (kh, kw), tuple(stride), tuple(padding))
     xs = _by_position(x)
     wt = _by_tap(weight)
-    acc = x.new_zeros(ho, wo, n, k, dtype=_accumulator(x.dtype))
-    if bias is not None:
-        acc.copy_(bias.expand(ho, wo, n, k))
+    dtype = _accumulator(x.dtype)
+    acc = bias.to(dtype).expand(ho, wo, n, k).clone() if bias is not None else x.new_zeros(ho, wo, n, k, dtype=dtype)
     for tap, out_window, in_window in taps:
         target = acc[out_window]
         target.add_(torch.mm(xs[in_window].reshape(-1, c), wt[tap].t()).view(target.shape))
