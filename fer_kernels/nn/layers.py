@@ -31,6 +31,25 @@ class Mish(nn.Module):
         return "" if self.backend is None else f"backend={self.backend!r}"
 
 
+class _SpatialMean(torch.autograd.Function):
+    """torch.mean over H and W (keepdim), whose backward returns the broadcast gradient as a stride-0 view.
+
+    In a block the pooled tensor also feeds the tail, so autograd adds the two gradients. torch.mean's
+    backward writes the broadcast out in full, in NCHW order; adding that to the tail's channels_last gradient
+    ran about 10x slower than adding the view, in place (bfloat16 at 8 x 64 x 56 x 56: 1.8 ms against 0.19).
+    The values are the same: each element is grad / (H * W), computed once per (n, c)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.input_shape = x.shape
+        return torch.mean(x, dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        height, width = ctx.input_shape[2], ctx.input_shape[3]
+        return (grad / (height * width)).expand(ctx.input_shape)
+
+
 class AccuracyBooster(nn.Module):
     """The Accuracy Booster channel gate: ``sigmoid(BN(conv1x1(avgpool(x))))``, shape N x C x 1 x 1.
 
@@ -54,7 +73,7 @@ class AccuracyBooster(nn.Module):
         if self.training and x.shape[0] == 1:
             raise ValueError("AccuracyBooster: its BatchNorm normalises N values per channel, so a training batch "
                              "of 1 cannot be normalised; use a batch of 2 or more, or call model.eval()")
-        return torch.sigmoid(self.bn(self.conv(torch.mean(x, dim=(2, 3), keepdim=True))))
+        return torch.sigmoid(self.bn(self.conv(_SpatialMean.apply(x))))
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}"

@@ -35,6 +35,34 @@ def test_accuracy_booster(variant, weights):
     torch.testing.assert_close(gate, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_accuracy_booster_pooling_gradient_equals_torch_mean(dtype, channels_last):
+    """The gate's pooling hands autograd its gradient as a broadcast view (so that adding it to the tail's
+    gradient is cheap); its values are torch.mean's, to the bit, and stay so once autograd adds them."""
+    from fer_kernels.nn.layers import _SpatialMean
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, 7, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    grad_out, grad_other = torch.randn(3, 5, 1, 1, dtype=dtype), torch.randn(3, 5, 6, 7, dtype=dtype)
+    ours = _SpatialMean.apply(x)
+    assert torch.equal(ours, x.mean((2, 3), keepdim=True))
+    (g,) = torch.autograd.grad(ours, x, grad_out)
+    assert g.stride()[2:] == (0, 0)
+    (expected,) = torch.autograd.grad(x.mean((2, 3), keepdim=True), x, grad_out)
+    assert torch.equal(g, expected)
+    # used twice, as in a block: autograd's sum of the two gradients is the same as with torch.mean
+    (summed,) = torch.autograd.grad((_SpatialMean.apply(x) * grad_out).sum() + (x * grad_other).sum(), x)
+    (summed_torch,) = torch.autograd.grad((x.mean((2, 3), keepdim=True) * grad_out).sum() + (x * grad_other).sum(), x)
+    assert torch.equal(summed, summed_torch)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(_SpatialMean.apply, (x.detach().clone().requires_grad_(True),))
+        assert torch.autograd.gradgradcheck(_SpatialMean.apply, (x.detach().clone().requires_grad_(True),))
+
+
 def test_accuracy_booster_rejects_a_training_batch_of_one():
     booster = AccuracyBooster(8)
     with pytest.raises(ValueError, match="a training batch of 1 cannot be normalised"):
