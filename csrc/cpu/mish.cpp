@@ -32,8 +32,10 @@ at::Tensor mish_forward_cpu(const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mish_forward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, x.numel(), cpu::GRAIN,
-                     [&](int64_t begin, int64_t end) { mish_forward_loop(xp + begin, yp + begin, end - begin); });
+    at::parallel_for(0, x.numel(), cpu::GRAIN, [&](int64_t begin, int64_t end) {
+      cpu::prefetched_blocks(
+          begin, end, [&](int64_t lo, int64_t hi) { mish_forward_loop(xp + lo, yp + lo, hi - lo); }, xp);
+    });
   });
   return y;
 }
@@ -47,7 +49,9 @@ at::Tensor mish_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), cpu::GRAIN, [&](int64_t begin, int64_t end) {
-      mish_backward_loop(dyp + begin, xp + begin, dxp + begin, end - begin);
+      cpu::prefetched_blocks(
+          begin, end, [&](int64_t lo, int64_t hi) { mish_backward_loop(dyp + lo, xp + lo, dxp + lo, hi - lo); }, dyp,
+          xp);
     });
   });
   return dx;

@@ -87,7 +87,10 @@ void tail_forward(const TailShape& s, const scalar_t* x, const scalar_t* id, sca
       for (int64_t i = begin; i < end;) {
         const int64_t plane = i / s.HW;
         const int64_t stop = std::min(end, (plane + 1) * s.HW);
-        tail_forward_run<A>(x + i, id + i, out + i, gate ? gate[plane] : T(1), stop - i);
+        const T g = gate ? gate[plane] : T(1);
+        cpu::prefetched_blocks(
+            i, stop, [&](int64_t lo, int64_t hi) { tail_forward_run<A>(x + lo, id + lo, out + lo, g, hi - lo); }, x,
+            id);
         i = stop;
       }
     });
@@ -98,8 +101,14 @@ void tail_forward(const TailShape& s, const scalar_t* x, const scalar_t* id, sca
       for (int64_t r = begin; r < end;) {
         const int64_t n = r / s.HW;
         const int64_t stop = std::min(end, (n + 1) * s.HW);
-        const int64_t o = r * s.C;
-        tail_forward_rows<A>(x + o, id + o, out + o, gate ? gate + n * s.C : ones.data(), stop - r, s.C);
+        const T* g = gate ? gate + n * s.C : ones.data();
+        cpu::prefetched_rows(
+            r, stop, s.C,
+            [&](int64_t lo, int64_t hi) {
+              const int64_t o = lo * s.C;
+              tail_forward_rows<A>(x + o, id + o, out + o, g, hi - lo, s.C);
+            },
+            x, id);
         r = stop;
       }
     });
@@ -128,8 +137,9 @@ void tail_backward(const TailShape& s, const scalar_t* dy, const scalar_t* x, co
         const T g = gate ? gate[plane] : T(1);
         double total = 0.0;
         for (int64_t lo = part * chunk; lo < hi; lo += SUM_BLOCK) {
-          const int64_t o = plane * s.HW + lo;
-          total += tail_backward_run<A>(dy + o, x + o, id + o, dx + o, did + o, g, std::min(SUM_BLOCK, hi - lo));
+          const int64_t o = plane * s.HW + lo, len = std::min(SUM_BLOCK, hi - lo);
+          cpu::prefetch_ahead(len, dy + o, x + o, id + o);
+          total += tail_backward_run<A>(dy + o, x + o, id + o, dx + o, did + o, g, len);
         }
         partial[item] = total;
       }
@@ -145,9 +155,9 @@ void tail_backward(const TailShape& s, const scalar_t* dy, const scalar_t* x, co
         std::fill(total, total + s.C, 0.0);
         const int64_t hi = std::min(s.HW, (part + 1) * chunk);
         for (int64_t lo = part * chunk; lo < hi; lo += SUM_ROWS) {
-          const int64_t o = (n * s.HW + lo) * s.C;
-          tail_backward_rows<A>(dy + o, x + o, id + o, dx + o, did + o, g, block.data(), std::min(SUM_ROWS, hi - lo),
-                                s.C);
+          const int64_t o = (n * s.HW + lo) * s.C, rows = std::min(SUM_ROWS, hi - lo);
+          cpu::prefetch_ahead(rows * s.C, dy + o, x + o, id + o);
+          tail_backward_rows<A>(dy + o, x + o, id + o, dx + o, did + o, g, block.data(), rows, s.C);
           add_to_double(block.data(), total, s.C);
         }
       }

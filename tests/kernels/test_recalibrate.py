@@ -65,6 +65,15 @@ def test_long_reduction_is_split(backend, device, dtype, channels_last):
     _check(*_inputs((1, 2, 256, 300), dtype, device, channels_last=channels_last), "mish", backend)
 
 
+@pytest.mark.parametrize("backend,device", FAST_BACKEND_DEVICES, ids=ids(FAST_BACKEND_DEVICES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 300, 3, 5), (3, 24, 23, 19)], ids=str)
+def test_rows_wider_and_planes_longer_than_a_loop_block(backend, device, channels_last, shape):
+    """The CPU loops walk memory in blocks of a few hundred elements (csrc/cpu/cpu_common.h): channels-last
+    rows wider than a block, and planes and images that span many blocks and end in a partial one."""
+    _check(*_inputs(shape, torch.bfloat16, device, channels_last=channels_last), "mish", backend)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=ids(BACKEND_DEVICES))
 def test_ranks_and_layouts(backend, device):
     """N x C, N x C x L and N x C x D x H x W inputs; mixed, gapped and 5-D channels-last layouts."""
