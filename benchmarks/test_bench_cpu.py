@@ -19,12 +19,14 @@ import sys
 import pytest
 import torch
 
+import bench_batch_norm_act
 import bench_mish
 import bench_recalibrate
 import common
 from fer_train.data import dali_available
 
-CASES = [(bench_mish, (8, 64, 112, 112), "nchw"),
+CASES = [(bench_batch_norm_act, (8, 64, 112, 112), "channels_last"),
+         (bench_mish, (8, 64, 112, 112), "nchw"),
          (bench_recalibrate, (8, 256, 56, 56), "nchw"),
          (bench_recalibrate, (8, 256, 56, 56), "channels_last")]
 

@@ -11,6 +11,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("augment_cpu", &fk::augment_cpu, nogil, py::arg("images"), py::arg("matrices"), py::arg("colour"),
         py::arg("out"), py::arg("mean"), py::arg("std"));
+  m.def("batch_norm_act_forward_cpu", &fk::batch_norm_act_forward_cpu, nogil, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps"), py::arg("act"));
+  m.def("batch_norm_act_backward_cpu", &fk::batch_norm_act_backward_cpu, nogil, py::arg("grad"), py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("act"));
   m.def("mish_forward_cpu", &fk::mish_forward_cpu, nogil, py::arg("x"));
   m.def("mish_backward_cpu", &fk::mish_backward_cpu, nogil, py::arg("grad"), py::arg("x"));
   m.def("recalibrate_forward_cpu", &fk::recalibrate_forward_cpu, nogil, py::arg("x"), py::arg("gate"),

@@ -178,6 +178,16 @@ inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& par
 // (any strides, float16/bfloat16/float32/float64) is written and returned. See fer_kernels.augment.
 at::Tensor augment_cpu(const std::vector<at::Tensor>& images, const at::Tensor& matrices, const at::Tensor& colour,
                        at::Tensor out, const std::vector<double>& mean, const std::vector<double>& std);
+// Training-mode batch normalisation of x (N x C x ..., NCHW or channels-last) followed by act; returns z and
+// the batch's per-channel mean and biased variance (math type). See csrc/cpu/batch_norm_act.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(const at::Tensor& x,
+                                                                          const std::optional<at::Tensor>& weight,
+                                                                          const std::optional<at::Tensor>& bias,
+                                                                          double eps, int64_t act);
+// Returns dx, dweight and dbias (math type) from the forward's mean and var.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps, int64_t act);
 at::Tensor mish_forward_cpu(const at::Tensor& x);
 at::Tensor mish_backward_cpu(const at::Tensor& grad, const at::Tensor& x);
 at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gate,

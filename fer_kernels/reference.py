@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "centralize_gradient", "fmix_mix", "mish",
-           "mish_backward", "radam_rectifier", "ranger_step", "recalibrate", "recalibrate_backward", "rgb_to_grey",
-           "shift_hue"]
+__all__ = ["ACTIVATIONS", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "batch_norm_act", "centralize_gradient",
+           "fmix_mix", "mish", "mish_backward", "radam_rectifier", "ranger_step", "recalibrate", "recalibrate_backward",
+           "rgb_to_grey", "shift_hue"]
 
 ACTIVATIONS = ("mish", "relu", "none")
 
@@ -51,6 +51,21 @@ def _activation_backward(grad: torch.Tensor, z: torch.Tensor, act: str) -> torch
     if act == "none":
         return grad
     raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode batch normalisation over every dim but 1, then act: (output, batch mean, biased variance)."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims)
+    var = (x - mean.view(shape)).square().mean(dims)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return _activation(y, act), mean, var
 
 
 def _broadcast_gate(gate: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | float:
