@@ -1,8 +1,9 @@
 """ResNet-18 / ResNet-50 with Mish and the Accuracy Booster (docs/method.md section 2), in torchvision's layout.
 
 Every block ends in ``act(bn(conv(...)) * gate + identity)``: with ``fused=True`` that tail is one
-kernel (fer_kernels.recalibrate) and Mish elsewhere is the fused Mish; with ``fused=False`` the same
-model is built from plain PyTorch ops. State-dict keys equal torchvision's for every layer torchvision
+kernel (fer_kernels.recalibrate), every other ``act(bn(...))`` is fer_kernels.nn.batch_norm_act (one fused
+op when training on the CPU) and Mish elsewhere is the fused Mish; with ``fused=False`` the same model is
+built from plain PyTorch ops. State-dict keys equal torchvision's for every layer torchvision
 has (``conv1``, ``layer1.0.bn2``, ``layer2.0.downsample.0``, ``fc``, ...); the gate adds
 ``layerX.Y.booster.conv.weight`` and ``layerX.Y.booster.bn.*``. So torchvision weights load, and a
 fused and an unfused model share one state dict.
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from fer_kernels.nn.conv import Conv2d
-from fer_kernels.nn.layers import AccuracyBooster, Mish, Recalibrate
+from fer_kernels.nn.layers import AccuracyBooster, Mish, Recalibrate, batch_norm_act
 from fer_kernels.reference import ACTIVATIONS
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "STEMS", "resnet18", "resnet50", "load_torchvision_weights"]
@@ -29,6 +30,13 @@ def _activation(act: str, fused: bool, backend: str | None) -> nn.Module:
     if act == "mish":
         return Mish(backend=backend) if fused else nn.Mish()
     return nn.ReLU(inplace=True)  # a single PyTorch kernel already; nothing to fuse
+
+
+def _bn_act(owner: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """act(bn(x)) for a block or the stem: fused when the model is, else the plain modules."""
+    if owner.fused:
+        return batch_norm_act(bn, x, owner.act_name, owner.backend)
+    return owner.act(bn(x))
 
 
 def _conv3x3(cin, cout, stride=1):
@@ -47,6 +55,7 @@ class _Block(nn.Module):
         self.booster = AccuracyBooster(out_channels, booster) if booster else None
         self.act_name = act
         self.fused = fused
+        self.backend = backend
         self.tail = Recalibrate(act, backend=backend) if fused else None
 
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +82,7 @@ class BasicBlock(_Block):
         self._init_tail(planes, downsample, act, booster, fused, backend)
 
     def forward(self, x):
-        out = self.act(self.bn1(self.conv1(x)))
+        out = _bn_act(self, self.bn1, self.conv1(x))
         return self._finish(self.bn2(self.conv2(out)), x)
 
 
@@ -95,8 +104,8 @@ class Bottleneck(_Block):
         self._init_tail(planes * self.expansion, downsample, act, booster, fused, backend)
 
     def forward(self, x):
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.act(self.bn2(self.conv2(out)))
+        out = _bn_act(self, self.bn1, self.conv1(x))
+        out = _bn_act(self, self.bn2, self.conv2(out))
         return self._finish(self.bn3(self.conv3(out)), x)
 
 
@@ -120,7 +129,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: booster must be None, 'depthwise' or 'plus', got {booster!r}")
         if num_classes < 1:
             raise ValueError(f"ResNet: num_classes must be >= 1, got {num_classes}")
-        self.act_name, self.booster, self.fused, self.stem = act, booster, fused, stem
+        self.act_name, self.booster, self.fused, self.stem, self.backend = act, booster, fused, stem, backend
         options = dict(act=act, booster=booster, fused=fused, backend=backend)
         self.inplanes = 64
         if stem == "imagenet":
@@ -155,7 +164,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
+        x = self.maxpool(_bn_act(self, self.bn1, self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

@@ -7,9 +7,11 @@ from torch import nn
 
 from fer_kernels.nn.conv import Conv2d
 from fer_kernels.ops import mish, recalibrate
+from fer_kernels.ops.batch_norm_act import batch_norm_act as fused_batch_norm_act
+from fer_kernels.ops.batch_norm_act import fused_batch_norm_act_serves
 from fer_kernels.reference import ACTIVATIONS
 
-__all__ = ["Mish", "AccuracyBooster", "Recalibrate"]
+__all__ = ["Mish", "AccuracyBooster", "Recalibrate", "batch_norm_act"]
 
 
 class Mish(nn.Module):
@@ -94,3 +96,28 @@ class Recalibrate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}" + ("" if self.backend is None else f", backend={self.backend!r}")
+
+
+def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, act: str = "mish", backend: str | None = None) -> torch.Tensor:
+    """``act(bn(x))``. A training-mode ``bn`` on a CPU input (see fer_kernels.ops.batch_norm_act) runs as one
+    fused op, and its running statistics and ``num_batches_tracked`` are updated as ``torch.nn.BatchNorm2d``
+    updates them; everything else (evaluation, GPUs, ``backend`` other than None/"auto"/"cpu") is ``bn`` itself
+    and the fused activation. ``bn``'s parameters and buffers are used as they are, so state dicts do not change.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"batch_norm_act: act must be one of {ACTIVATIONS}, got {act!r}")
+    fused = (bn.training and type(bn) is nn.BatchNorm2d and backend in (None, "auto", "cpu")
+             and fused_batch_norm_act_serves(x))
+    if not fused:
+        y = bn(x)
+        return mish(y, backend=backend) if act == "mish" else torch.relu(y) if act == "relu" else y
+    out, mean, var = fused_batch_norm_act(x, bn.weight, bn.bias, bn.eps, act)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            count = x.numel() // x.shape[1]
+            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            unbiased = var * (count / (count - 1))
+            bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+    return out

@@ -91,12 +91,16 @@ def test_fused_equals_unfused(name, act, booster):
 
 
 def test_fused_model_uses_the_fused_ops():
+    """Training on the CPU: batch norm + Mish of the stem and inside each basic block is one fused op; in
+    evaluation, torch's batch norm and the fused Mish."""
     model = resnet18()
-    ops = []
-    with _RecordOps(ops):
-        model(torch.randn(2, 3, 32, 32))
-    assert ops.count("fer_kernels.mish.default") == 1 + 8  # the stem, and one inside each basic block
-    assert ops.count("fer_kernels.recalibrate.default") == 8
+    for training, fused_bn, mish in ((True, 1 + 8, 0), (False, 0, 1 + 8)):
+        ops = []
+        with _RecordOps(ops):
+            model.train(training)(torch.randn(2, 3, 32, 32))
+        assert ops.count("fer_kernels.batch_norm_act.default") == fused_bn
+        assert ops.count("fer_kernels.mish.default") == mish
+        assert ops.count("fer_kernels.recalibrate.default") == 8
 
 
 class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
