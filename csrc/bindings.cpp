@@ -15,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("eps"), py::arg("act"));
   m.def("batch_norm_act_backward_cpu", &fk::batch_norm_act_backward_cpu, nogil, py::arg("grad"), py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("act"));
+  m.def("max_pool2d_forward_cpu", &fk::max_pool2d_forward_cpu, nogil, py::arg("x"), py::arg("kernel_size"),
+        py::arg("stride"), py::arg("padding"));
+  m.def("max_pool2d_backward_cpu", &fk::max_pool2d_backward_cpu, nogil, py::arg("grad"), py::arg("indices"),
+        py::arg("input_size"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"));
   m.def("mish_forward_cpu", &fk::mish_forward_cpu, nogil, py::arg("x"));
   m.def("mish_backward_cpu", &fk::mish_backward_cpu, nogil, py::arg("grad"), py::arg("x"));
   m.def("recalibrate_forward_cpu", &fk::recalibrate_forward_cpu, nogil, py::arg("x"), py::arg("gate"),

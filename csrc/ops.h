@@ -188,6 +188,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, double eps, int64_t act);
+// 2-D max pooling of a channels-last x: the output and, per output, the position of its maximum in the window
+// (uint8, kh * kernel_w + kw); backward gathers the input gradient from them. See csrc/cpu/max_pool.cpp.
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding);
+at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad, const at::Tensor& idx, at::IntArrayRef input_size,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding);
 at::Tensor mish_forward_cpu(const at::Tensor& x);
 at::Tensor mish_backward_cpu(const at::Tensor& grad, const at::Tensor& x);
 at::Tensor recalibrate_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gate,

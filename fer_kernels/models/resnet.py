@@ -2,8 +2,8 @@
 
 Every block ends in ``act(bn(conv(...)) * gate + identity)``: with ``fused=True`` that tail is one
 kernel (fer_kernels.recalibrate), every other ``act(bn(...))`` is fer_kernels.nn.batch_norm_act (one fused
-op when training on the CPU) and Mish elsewhere is the fused Mish; with ``fused=False`` the same model is
-built from plain PyTorch ops. State-dict keys equal torchvision's for every layer torchvision
+op when training on the CPU), the stem's pooling is fer_kernels.nn.MaxPool2d and Mish elsewhere the fused
+Mish; with ``fused=False`` the same model is built from plain PyTorch ops. State-dict keys equal torchvision's for every layer torchvision
 has (``conv1``, ``layer1.0.bn2``, ``layer2.0.downsample.0``, ``fc``, ...); the gate adds
 ``layerX.Y.booster.conv.weight`` and ``layerX.Y.booster.bn.*``. So torchvision weights load, and a
 fused and an unfused model share one state dict.
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fer_kernels.nn.conv import Conv2d
-from fer_kernels.nn.layers import AccuracyBooster, Mish, Recalibrate, batch_norm_act
+from fer_kernels.nn.layers import AccuracyBooster, MaxPool2d, Mish, Recalibrate, batch_norm_act
 from fer_kernels.reference import ACTIVATIONS
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "STEMS", "resnet18", "resnet50", "load_torchvision_weights"]
@@ -134,7 +134,7 @@ class ResNet(nn.Module):
         self.inplanes = 64
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.maxpool = (MaxPool2d if fused else nn.MaxPool2d)(kernel_size=3, stride=2, padding=1)
         else:
             self.conv1 = Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()

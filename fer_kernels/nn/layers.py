@@ -9,9 +9,10 @@ from fer_kernels.nn.conv import Conv2d
 from fer_kernels.ops import mish, recalibrate
 from fer_kernels.ops.batch_norm_act import batch_norm_act as fused_batch_norm_act
 from fer_kernels.ops.batch_norm_act import fused_batch_norm_act_serves
+from fer_kernels.ops.max_pool import fused_max_pool2d_serves, max_pool2d
 from fer_kernels.reference import ACTIVATIONS
 
-__all__ = ["Mish", "AccuracyBooster", "Recalibrate", "batch_norm_act"]
+__all__ = ["Mish", "AccuracyBooster", "MaxPool2d", "Recalibrate", "batch_norm_act"]
 
 
 class Mish(nn.Module):
@@ -121,3 +122,18 @@ def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, act: str = "mish", backe
             unbiased = var * (count / (count - 1))
             bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
     return out
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` whose channels-last CPU inputs go through fer_kernels' max pooling (one-byte
+    indices, a gathered gradient: fer_kernels.ops.max_pool); other inputs, dilation, ``ceil_mode``,
+    ``return_indices`` and tracing for export are torch's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pair = nn.modules.utils._pair
+        kernel, stride, padding = pair(self.kernel_size), pair(self.stride), pair(self.padding)
+        if (pair(self.dilation) == (1, 1) and not self.ceil_mode and not self.return_indices
+                and not (torch.jit.is_tracing() or torch.jit.is_scripting())
+                and fused_max_pool2d_serves(x, kernel, stride, padding)):
+            return max_pool2d(x, kernel, stride, padding)
+        return super().forward(x)
