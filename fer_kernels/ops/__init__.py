@@ -1,6 +1,7 @@
 """The ops, each registered once with the backends that serve it (fer_kernels/_dispatch.py): the fused Mish and
 block tail (torch.library custom ops with autograd and fake kernels), the optimizer step, the augmentation
-pass and FMix's mix; and batch norm fused with the activation, a CPU kernel (batch_norm_act.py)."""
+pass and FMix's mix; and two CPU kernels, batch norm fused with the activation (batch_norm_act.py) and max
+pooling with one-byte indices (max_pool.py)."""
 
 from fer_kernels.ops.augment import augment
 from fer_kernels.ops.fmix_mix import fmix_mix
