@@ -48,9 +48,7 @@ def make_variants(device_type):
     variants = {}
     if device_type == "cpu":
         variants["fused-cpu"] = common.Variant(lambda x, weight, bias: batch_norm_act(x, weight, bias, EPS, "mish")[0])
-    variants["eager"] = common.Variant(eager)
-    variants["compile"] = common.Variant(common.compiled(eager))
-    return variants
+    return {**variants, **common.eager_and_compiled(eager)}
 
 
 def main():

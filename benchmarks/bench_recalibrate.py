@@ -40,9 +40,7 @@ def make_variants(device_type):
         lambda x, gate, identity, b=b: fer_kernels.recalibrate(x, gate, identity, "mish", backend=b),
         lambda g, x, gate, identity, b=b: torch.ops.fer_kernels.recalibrate_backward(g, x, gate, identity, "mish", b))
         for b in FUSED_BACKENDS[device_type]}
-    variants["eager"] = common.Variant(eager)
-    variants["compile"] = common.Variant(common.compiled(eager))
-    return variants
+    return {**variants, **common.eager_and_compiled(eager)}
 
 
 def main():

@@ -279,6 +279,11 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def eager_and_compiled(eager: Callable) -> dict[str, Variant]:
+    """The two baselines of an op benchmark: PyTorch eager (backward through autograd) and torch.compile of it."""
+    return {"eager": Variant(eager), "compile": Variant(compiled(eager))}
+
+
 CHECK_TOL = {torch.float32: 1e-5, torch.float16: 4 * 2 ** -10, torch.bfloat16: 4 * 2 ** -7}
 
 
