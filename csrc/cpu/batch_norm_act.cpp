@@ -228,9 +228,8 @@ void elementwise(const TailShape& s, const PlaneRun& plane_run, const RowsRun& r
 
 TailShape check_batch_norm_act(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor* grad = nullptr) {
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape N x C x ..., got ", x.sizes());
+  TailShape s = check_tail(op, x, std::nullopt, x, grad);  // shape, dtype, layout (x is its own identity)
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
-  TailShape s = check_tail(op, x, std::nullopt, x, grad);
   TORCH_CHECK(s.N * s.HW > 1, op, ": training needs more than one value per channel, got x of shape ", x.sizes());
   for (const auto* t : {&weight, &bias}) {
     if (t->has_value()) {

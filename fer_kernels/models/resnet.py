@@ -3,10 +3,10 @@
 Every block ends in ``act(bn(conv(...)) * gate + identity)``: with ``fused=True`` that tail is one
 kernel (fer_kernels.recalibrate), every other ``act(bn(...))`` is fer_kernels.nn.batch_norm_act (one fused
 op when training on the CPU), the stem's pooling is fer_kernels.nn.MaxPool2d and Mish elsewhere the fused
-Mish; with ``fused=False`` the same model is built from plain PyTorch ops. State-dict keys equal torchvision's for every layer torchvision
-has (``conv1``, ``layer1.0.bn2``, ``layer2.0.downsample.0``, ``fc``, ...); the gate adds
-``layerX.Y.booster.conv.weight`` and ``layerX.Y.booster.bn.*``. So torchvision weights load, and a
-fused and an unfused model share one state dict.
+Mish; with ``fused=False`` the same model is built from plain PyTorch ops. State-dict keys equal
+torchvision's for every layer torchvision has (``conv1``, ``layer1.0.bn2``, ``layer2.0.downsample.0``,
+``fc``, ...); the gate adds ``layerX.Y.booster.conv.weight`` and ``layerX.Y.booster.bn.*``. So torchvision
+weights load, and a fused and an unfused model share one state dict.
 """
 
 from __future__ import annotations
