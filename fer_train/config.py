@@ -47,6 +47,10 @@ class DataConfig:
     max_image_pixels: int = 50_000_000  # larger images (by their header) are bad input: decompression bombs
     image_size: int = 224
     crop: float = 0.875  # the centre crop's side over the resized shorter side: the paper's 224 of 256; less zooms in
+    # random crops in training, not the paper's (0: off): magnification from [1 - zoom, 1 + zoom], and a shift of up
+    # to `translate` of the image side along each axis (fer_train.recipe.augmentation.AugmentConfig)
+    zoom: float = 0.0
+    translate: float = 0.0
     backend: str = "auto"  # DALI where installed and the device is a GPU, else the PyTorch pipeline
     workers: int | None = None  # input worker processes; None: 2 on a GPU, 0 on a CPU (build_loader says why)
     # decoded images the PyTorch pipeline keeps when it reads in the main process (workers=0), so later epochs
@@ -389,6 +393,11 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
     if not 0 < d.crop <= 1:
         raise ConfigError(f"data.crop must be in (0, 1] (the centre crop's share of the resized shorter side; the "
                           f"paper's 0.875 is 224 of 256, 1 keeps the whole face box), got {d.crop}")
+    if not 0 <= d.zoom < 1:
+        raise ConfigError(f"data.zoom must be in [0, 1) (magnification drawn from [1 - zoom, 1 + zoom]), got {d.zoom}")
+    if not 0 <= d.translate <= 0.5:
+        raise ConfigError(f"data.translate must be in [0, 0.5] (the largest shift as a share of the image side), "
+                          f"got {d.translate}")
     if not (0 <= d.label_smoothing < 1 and 0 <= t.ema < 1):
         raise ConfigError(f"data.label_smoothing and train.ema must be in [0, 1), got {d.label_smoothing} and {t.ema}")
     if t.time_budget is not None:

@@ -99,7 +99,7 @@ class Trainer:
         self.loader = build_loader(self.data.train, micro, True, d.image_size, self.device, d.backend, fmix, t.seed,
                                    rank=self.dist.rank, world=self.dist.world, num_workers=d.workers, crop=d.crop,
                                    channels_last=t.channels_last, timeout=d.timeout, class_balance=d.class_balance,
-                                   decoded_cache_mb=d.decoded_cache_mb)
+                                   zoom=d.zoom, translate=d.translate, decoded_cache_mb=d.decoded_cache_mb)
         self.step, self.best = 0, {"accuracy": -1.0, "step": None}
         self.decay_from: float | None = None  # where the rate's fall starts once a time budget moved the end
         self._elapsed_before = 0.0  # wall time of earlier sessions

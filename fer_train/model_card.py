@@ -15,7 +15,7 @@ import torch
 
 from fer_train.checkpoint import input_transform
 from fer_train.reports import summary_table
-from fer_train.runlog import weight_decay
+from fer_train.runlog import random_crops, weight_decay
 
 __all__ = ["write_model_card"]
 
@@ -93,7 +93,8 @@ def write_model_card(trainer, results: list, temperature: float) -> Path:
         f"- {trainer.step} steps of {c.train.batch_size} images at {c.data.image_size} px; optimizer {c.optim.name} lr "
         f"{c.optim.lr}{weight_decay(c.optim)}, betas {tuple(c.optim.betas)}, schedule {c.optim.schedule} "
         f"(flat for {c.optim.flat_fraction:.0%}); "
-        f"FMix {'on' if c.data.fmix else 'off'}; label smoothing {c.data.label_smoothing}; autocast "
+        f"FMix {'on' if c.data.fmix else 'off'}{random_crops(c.data)}; label smoothing {c.data.label_smoothing}; "
+        "autocast "
         f"{str(trainer.amp_dtype).replace('torch.', '') if trainer.amp_dtype else 'off (float32)'}"
         f"{'; time budget ' + c.train.time_budget if c.train.time_budget else ''}.",
         "",

@@ -130,6 +130,13 @@ def weight_decay(optim) -> str:
     return f", weight decay {optim.weight_decay} ({'decoupled' if optim.decoupled_weight_decay else 'L2'})"
 
 
+def random_crops(data) -> str:
+    """', random crops (zoom 0.1, shift 0.1 of the side)' for a DataConfig with zoom or translate; '' without."""
+    if not (data.zoom or data.translate):
+        return ""
+    return f", random crops (zoom {data.zoom:g}, shift {data.translate:g} of the side)"
+
+
 def describe(trainer) -> str:
     """The header a run prints: where it runs, the model, optimizer and recipe, the data and its evaluation."""
     c = trainer.config
@@ -143,7 +150,7 @@ def describe(trainer) -> str:
             f"{f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
             f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend} "
             f"({trainer.loader.pipeline.num_workers} workers); "
-            f"{c.data.image_size} px, centre crop {c.data.crop:g} of the face; "
+            f"{c.data.image_size} px, centre crop {c.data.crop:g} of the face{random_crops(c.data)}; "
             f"freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}"
             f"{_small_map_convolutions(trainer.device)}\n"
             f"training data:\n{sets}\n"

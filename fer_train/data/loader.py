@@ -74,7 +74,8 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
                  fmix=None, seed: int = 0, *, rank: int = 0, world: int = 1, num_workers: int | None = None,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False,
                  config: AugmentConfig | None = None, timeout: float = DataConfig.timeout,
-                 class_balance: float = 0.0, crop: float = DataConfig.crop,
+                 class_balance: float = 0.0, crop: float = DataConfig.crop, zoom: float = DataConfig.zoom,
+                 translate: float = DataConfig.translate,
                  decoded_cache_mb: float = DataConfig.decoded_cache_mb) -> Loader:
     """Batches of (images N x 3 x image_size x image_size on `device`, targets) from one data set or a list
     of them (combined into one training set).
@@ -95,7 +96,8 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     replaced by the next sample that reads and counted in Loader.skipped. class_balance (training): 0 reads
     every sample once per epoch; above 0, samples are drawn with replacement, weighted by their class's count
     to the power -class_balance (1: every class equally often; data.class_balance). crop: the centre crop's
-    share of the resized shorter side (data.crop; `config`, when given, says it instead). decoded_cache_mb:
+    share of the resized shorter side (data.crop); zoom, translate: training's random crops (data.zoom,
+    data.translate); `config`, when given, says all three instead. decoded_cache_mb:
     decoded images the PyTorch pipeline keeps when it reads in the main process (data.decoded_cache_mb; 0: none).
     """
     if backend not in DATA_BACKENDS:
@@ -108,7 +110,8 @@ def build_loader(datasets, batch_size: int, train: bool, image_size: int = 224, 
     if len(datasets) == 0:
         raise ValueError("build_loader: the data set is empty")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = config or AugmentConfig(out_size=image_size, resize=resized_side(image_size, crop))
+    config = config or AugmentConfig(out_size=image_size, resize=resized_side(image_size, crop), zoom=zoom,
+                                     translate=translate)
     if num_workers is None:
         num_workers = 2 if device.type == "cuda" else 0
     use_dali = backend == "dali" or (backend == "auto" and device.type == "cuda" and dali_available())

@@ -32,7 +32,10 @@ def resized_side(size: int, crop: float) -> int:
 @dataclass(frozen=True)
 class AugmentConfig:
     """docs/method.md section 6. Colour factors are drawn from [1 - v, 1 + v], the hue shift from [-hue, hue] (of the
-    hue circle), angles in degrees from [-a, a]; eval takes none of the random parts."""
+    hue circle), angles in degrees from [-a, a]; eval takes none of the random parts. zoom and translate are not
+    the paper's (it has neither; 0 keeps them off): a magnification drawn from [1 - zoom, 1 + zoom] about the
+    crop's centre and a shift of the face by up to `translate` of the output side along each axis, the random
+    crops that small-input recipes train with (data.zoom, data.translate)."""
 
     out_size: int = 224
     resize: int = 256  # resized_side(out_size, data.crop)
@@ -43,6 +46,8 @@ class AugmentConfig:
     contrast: float = 0.25
     saturation: float = 0.05
     hue: float = 0.05
+    zoom: float = 0.0
+    translate: float = 0.0
     mean: tuple[float, float, float] = reference.IMAGENET_MEAN
     std: tuple[float, float, float] = reference.IMAGENET_STD
 
@@ -107,26 +112,29 @@ def sample_params(boxes: torch.Tensor | list, train: bool, keys: torch.Tensor | 
     if train:
         if keys is None or len(keys) != n:
             raise ValueError(f"sample_params: training needs one key per box ({n}), from sample_keys()")
-        r = _uniforms(torch.as_tensor(keys, dtype=torch.int64), 7)
+        r = _uniforms(torch.as_tensor(keys, dtype=torch.int64), 10)  # a column's draws do not depend on the count
         spread = lambda column, bound, centre=0.0: centre + bound * (2 * r[:, column] - 1)  # noqa: E731
         flip = r[:, 0] < config.flip
         theta = torch.deg2rad(spread(1, config.rotation))
         shear = torch.deg2rad(spread(2, config.shear))
         colour = torch.stack([spread(3, config.brightness, 1.0), spread(4, config.contrast, 1.0),
                               spread(5, config.saturation, 1.0), spread(6, config.hue)], 1)
+        zoom = spread(7, config.zoom, 1.0)
+        move = torch.stack([spread(8, config.translate), spread(9, config.translate)], -1) * s
     else:
         flip = torch.zeros(n, dtype=torch.bool)
         theta = shear = torch.zeros(n, dtype=torch.float64)
+        zoom, move = torch.ones(n, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64)
         colour = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64).expand(n, 4)
-    # Output pixel centre o = (u + 1/2, v + 1/2). The crop was rotated and sheared about its centre c by
-    # F = R(theta) @ [[1, tan(shear)], [0, 1]] after an optional flip: o = F (a - c) + c, a = flipped crop
-    # point; so a = F^-1 (o - c) + c, the crop point is a (x mirrored if flipped), the source point is
-    # box corner + (crop point + crop offset) / scale, and its index coordinate is that minus 1/2.
+    # Output pixel centre o = (u + 1/2, v + 1/2). The crop was zoomed, rotated and sheared about its centre c by
+    # F = zoom R(theta) @ [[1, tan(shear)], [0, 1]] after an optional flip, then moved by t: o = F (a - c) + c + t,
+    # a = flipped crop point; so a = F^-1 (o - c - t) + c, the crop point is a (x mirrored if flipped), the source
+    # point is box corner + (crop point + crop offset) / scale, and its index coordinate is that minus 1/2.
     cos, sin, tan = torch.cos(theta), torch.sin(theta), torch.tan(shear)
     forward = torch.stack([torch.stack([cos, cos * tan - sin], -1), torch.stack([sin, sin * tan + cos], -1)], -2)
-    inverse = torch.linalg.inv(forward)  # N x 2 x 2
+    inverse = torch.linalg.inv(forward * zoom[:, None, None])  # N x 2 x 2
     centre = torch.full((n, 2), s / 2, dtype=torch.float64)
-    shift = (inverse @ (0.5 - centre)[..., None])[..., 0] + centre  # a(u, v) = inverse @ (u, v) + shift
+    shift = (inverse @ (0.5 - centre - move)[..., None])[..., 0] + centre  # a(u, v) = inverse @ (u, v) + shift
     lin = inverse.clone()
     lin[:, 0, :] *= torch.where(flip, -1.0, 1.0)[:, None]  # flipped: a_x -> s - a_x
     shift[:, 0] = torch.where(flip, s - shift[:, 0], shift[:, 0])

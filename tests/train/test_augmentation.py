@@ -62,6 +62,31 @@ def test_geometry_of_training_draws():
     assert colour[:, 3].abs().max() <= 0.05 and colour[:, 3].std() > 0.02
 
 
+def test_zoom_and_translate():
+    """The random crops (data.zoom, data.translate): with rotation, shear and flip off, each output pixel steps
+    1 / zoom source pixels and the output's centre shows the source point moved back by the shift over the zoom,
+    both drawn over their whole ranges; off (the paper's recipe), the draws of the other parameters do not move."""
+    n = 400
+    boxes = full_boxes([[256, 256]] * n)
+    keys = sample_keys(0, 0, range(n))
+    config = AugmentConfig(flip=0.0, rotation=0.0, shear=0.0, zoom=0.2, translate=0.1)
+    m = sample_params(boxes, True, keys, config).matrices.double()
+    step = m[:, 0, 0]
+    torch.testing.assert_close(m[:, 1, 1], step, rtol=0, atol=1e-6)
+    assert m[:, 0, 1].abs().max() < 1e-6 and m[:, 1, 0].abs().max() < 1e-6
+    zoom = 1 / step
+    assert zoom.min() >= 0.8 - 1e-5 and zoom.max() <= 1.2 + 1e-5
+    assert zoom.min() < 0.82 and zoom.max() > 1.18
+    shift = (m @ torch.tensor([111.5, 111.5, 1.0], dtype=torch.float64) - 127.5) * -zoom[:, None]
+    assert shift.abs().max() <= 22.4 + 1e-3 and shift.abs().max() > 21.0
+    assert abs(shift.mean()) < 2.0 and shift[:, 0].std() > 10 and (shift[:, 0] - shift[:, 1]).abs().mean() > 5
+    plain = sample_params(boxes, True, keys)
+    with_crops = sample_params(boxes, True, keys, AugmentConfig(zoom=0.2, translate=0.1))
+    torch.testing.assert_close(with_crops.colour, plain.colour)
+    assert torch.equal(torch.linalg.det(with_crops.matrices[:, :, :2].double()) < 0,
+                       torch.linalg.det(plain.matrices[:, :, :2].double()) < 0)  # the same flips
+
+
 def test_draws_depend_on_seed_epoch_and_index_only():
     boxes = full_boxes([[48, 48]] * 4)
     a = sample_params(boxes, True, sample_keys(5, 2, [10, 11, 12, 13]))

@@ -257,6 +257,8 @@ def test_a_run_that_fails_ends_its_input_workers_and_closes_its_log(tmp_path, mo
     (["--set", "optim.name=sgd", "--set", "optim.decoupled_weight_decay=true"], "SGD's optim.weight_decay is L2"),
     (["--set", "data.crop=0"], "data.crop must be in (0, 1]"),
     (["--set", "data.crop=1.2"], "data.crop must be in (0, 1]"),
+    (["--set", "data.zoom=1"], "data.zoom must be in [0, 1)"),
+    (["--set", "data.translate=-0.1"], "data.translate must be in [0, 0.5]"),
     (["--set", "data.decoded_cache_mb=-1"], "data.decoded_cache_mb must be >= 0"),
 ])
 def test_bad_configs_and_paths_fail_before_any_work(args, message, capsys):

@@ -198,6 +198,32 @@ def test_data_crop_reaches_the_saved_input_transform_and_the_card(tmp_path, caps
     assert "the shorter side resized to 40 and centre-cropped" in (run / "model-card.md").read_text()
 
 
+def test_random_crops_reach_the_training_pipeline_and_the_card(tmp_path, capsys, monkeypatch):
+    """data.zoom and data.translate set the training pipeline's draws (not evaluation's transform), and the
+    console, the card and the checkpoint say so."""
+    from fer_train import engine
+
+    built = []
+
+    def recording(*args, **kwargs):
+        loader = build_loader(*args, **kwargs)
+        built.append((loader.pipeline.train, loader.pipeline.config))
+        return loader
+
+    build_loader = engine.build_loader
+    monkeypatch.setattr(engine, "build_loader", recording)
+    run = tmp_path / "run"
+    assert main(["--steps", "2", "--out", str(run), *RUN, "--set", "data.zoom=0.1", "--set", "data.translate=0.125",
+                 "--set", "train.eval_every=2", "--set", "train.tta_report=false"]) == 0
+    assert "centre crop 0.875 of the face, random crops (zoom 0.1, shift 0.125 of the side);" in capsys.readouterr().out
+    drawn = {(train, config.zoom, config.translate) for train, config in built}
+    assert drawn == {(True, 0.1, 0.125), (False, 0.0, 0.0)}
+    assert "FMix on, random crops (zoom 0.1, shift 0.125 of the side);" in (run / "model-card.md").read_text()
+    saved = checkpoint.load(run / "last.pt")["config"]["data"]
+    assert (saved["zoom"], saved["translate"]) == (0.1, 0.125)
+    assert checkpoint.load_model(run / "best.pt").input_transform["resize"] == 37  # 32 / 0.875: no zoom in eval
+
+
 def test_cifar_stem_keeps_the_blocks_and_the_resolution():
     from fer_kernels.models import resnet18
 
