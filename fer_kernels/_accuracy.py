@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ATOL", "half_to_float", "to_float64", "tolerance_excess", "within_tolerance"]
+__all__ = ["ATOL", "half_to_float", "math_dtype", "to_float64", "tolerance_excess", "within_tolerance"]
 
 # Differences below these are rounding noise of the storage format.
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -52,6 +52,12 @@ def within_tolerance(pairs) -> str | None:
         if error is not None:
             return f"{name}: {error}"
     return None
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision every backend computes and keeps statistics and optimizer state in for a tensor of
+    `dtype`: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def half_to_float(t):

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_kernels.ops._layout import in_format, is_channels_last, tail_format
+from fer_kernels.ops._layout import in_format, is_channels_last, tail_format, window_output_size
 
 __all__ = ["BF16_SMALL_MAP", "BF16_TAP_MAP", "Conv2d", "SMALL_MAP", "TAP_MAP", "conv2d_by_taps", "conv2d_weight_grad"]
 
@@ -131,7 +131,7 @@ def tap_windows(in_size: tuple, kernel: tuple, stride: tuple, padding: tuple) ->
     aten::index: a model step at 48 px, batch 32, 267.2 ms with them against 263.0 ms, taking turns in one
     process). Taps that fall on padding alone are left out, and so is every padding position."""
     (h, w), (kh, kw), (sh, sw), (ph, pw) = in_size, kernel, stride, padding
-    ho, wo = _output_size(in_size, kernel, stride, padding)
+    ho, wo = window_output_size(in_size, kernel, stride, padding)
     taps = []
     for i in range(kh):
         rows = _tap_span(i, ph, sh, h, ho)
@@ -151,11 +151,6 @@ def _tap_span(tap: int, pad: int, step: int, size: int, out_size: int):
         return None
     start = first * step - pad + tap
     return slice(first, last + 1), slice(start, start + (last - first) * step + 1, step)
-
-
-def _output_size(in_size, kernel, stride, padding) -> tuple[int, int]:
-    """Ho, Wo of a convolution without dilation (either may be <= 0 for a kernel larger than the padded map)."""
-    return tuple((size + 2 * pad - k) // step + 1 for size, k, step, pad in zip(in_size, kernel, stride, padding))
 
 
 def _by_tap(weight: torch.Tensor) -> torch.Tensor:
@@ -313,7 +308,7 @@ class Conv2d(nn.Conv2d):
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return None
         kh, kw = self.kernel_size
-        ho, wo = _output_size(x.shape[-2:], self.kernel_size, self.stride, self.padding)
+        ho, wo = window_output_size(x.shape[-2:], self.kernel_size, self.stride, self.padding)
         if not (ho > 0 and wo > 0 and unfolds_weight_grad(ho * wo, self.out_channels, bfloat16)):
             return None
         taps = by_taps(ho * wo, kh * kw, bfloat16) and not compiling

@@ -6,6 +6,12 @@ from __future__ import annotations
 import torch
 
 
+def window_output_size(in_size, kernel, stride, padding) -> tuple[int, ...]:
+    """The output sides of a convolution or pooling window without dilation (<= 0 where the kernel is larger
+    than the padded map)."""
+    return tuple((size + 2 * pad - k) // step + 1 for size, k, step, pad in zip(in_size, kernel, stride, padding))
+
+
 def check_float(t: torch.Tensor, op: str, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")

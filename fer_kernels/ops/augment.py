@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fer_kernels import reference
+from fer_kernels._accuracy import math_dtype
 from fer_kernels._dispatch import Inputs, Op, extension, lazy, requested
 
 __all__ = ["augment"]
@@ -30,9 +31,9 @@ _CHECKED_IMAGES = 4  # the check recomputes only the first few images of the bat
 
 
 def _reference(images, matrices, colour, out, mean, std):
-    math_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
     for i, image in enumerate(images):
-        out[i] = reference.augment(image, matrices[i], colour[i], out.shape[-1], mean, std, dtype=math_dtype)
+        out[i] = reference.augment(image, matrices[i], colour[i], out.shape[-1], mean, std,
+                                   dtype=math_dtype(out.dtype))
     return out
 
 

@@ -13,14 +13,11 @@ from __future__ import annotations
 import torch
 
 from fer_kernels import reference
+from fer_kernels._accuracy import math_dtype
 from fer_kernels._dispatch import _C
 from fer_kernels.ops._layout import is_channels_last, like
 
 __all__ = ["batch_norm_act", "fused_batch_norm_act_serves"]
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("fer_kernels::batch_norm_act", mutates_args=())
@@ -31,7 +28,7 @@ def _batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 
 @_batch_norm_act.register_fake
 def _(x, weight, bias, eps, act):
-    stats = x.new_empty(x.shape[1], dtype=_math_dtype(x.dtype))
+    stats = x.new_empty(x.shape[1], dtype=math_dtype(x.dtype))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
@@ -44,7 +41,7 @@ def _batch_norm_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.
 
 @_batch_norm_act_backward.register_fake
 def _(grad, x, weight, bias, mean, var, eps, act):
-    stats = x.new_empty(x.shape[1], dtype=_math_dtype(x.dtype))
+    stats = x.new_empty(x.shape[1], dtype=math_dtype(x.dtype))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fer_kernels import reference
-from fer_kernels._accuracy import half_to_float, to_float64, within_tolerance
+from fer_kernels._accuracy import half_to_float, math_dtype, to_float64, within_tolerance
 from fer_kernels._dispatch import Inputs, Op, requested
 from fer_kernels.ops._layout import is_channels_last
 
@@ -26,7 +26,7 @@ def _reference(x, mask, perm, channels_last):
 def _triton(x, mask, perm, channels_last):
     from fer_kernels.triton.fmix import fmix_mix_triton
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    mask = mask.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
+    mask = mask.to(math_dtype(x.dtype)).contiguous()
     return fmix_mix_triton(x, mask, perm.to(torch.int64).contiguous(), channels_last)
 
 

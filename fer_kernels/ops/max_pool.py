@@ -11,13 +11,9 @@ from __future__ import annotations
 import torch
 
 from fer_kernels._dispatch import _C
-from fer_kernels.ops._layout import is_channels_last
+from fer_kernels.ops._layout import is_channels_last, window_output_size
 
 __all__ = ["max_pool2d", "fused_max_pool2d_serves"]
-
-
-def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 @torch.library.custom_op("fer_kernels::max_pool2d", mutates_args=())
@@ -29,7 +25,7 @@ def _max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int],
 @_max_pool2d.register_fake
 def _(x, kernel_size, stride, padding):
     n, c, h, w = x.shape
-    shape = (n, c, *(_output_size(s, k, st, p) for s, k, st, p in zip((h, w), kernel_size, stride, padding)))
+    shape = (n, c, *window_output_size((h, w), kernel_size, stride, padding))
     out = x.new_empty(shape).contiguous(memory_format=torch.channels_last)
     return out, torch.empty_like(out, dtype=torch.uint8)
 
@@ -72,7 +68,7 @@ def fused_max_pool2d_serves(x: torch.Tensor, kernel_size, stride, padding) -> bo
         return False
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     return (0 < kh * kw <= 255 and sh > 0 and sw > 0 and 0 <= 2 * ph <= kh and 0 <= 2 * pw <= kw
-            and _output_size(x.shape[2], kh, sh, ph) > 0 and _output_size(x.shape[3], kw, sw, pw) > 0)
+            and min(window_output_size(x.shape[2:], kernel_size, stride, padding)) > 0)
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],

@@ -5,15 +5,13 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-
-def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+from fer_kernels._accuracy import math_dtype
 
 
 def state_like(param: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
     """A state tensor for `param`: its shape and strides (the kernels walk both as one flat buffer), the
     state dtype, zeros or a copy of `value`."""
-    out = torch.empty_like(param, dtype=state_dtype(param.dtype), memory_format=torch.preserve_format)
+    out = torch.empty_like(param, dtype=math_dtype(param.dtype), memory_format=torch.preserve_format)
     return out.zero_() if value is None else out.copy_(value)
 
 

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fer_kernels._accuracy import math_dtype
 from fer_kernels.triton.math import act_backward, act_forward, load_math
 from fer_kernels.triton.tiles import NUM_WARPS, nchw_tile, nhwc_tile, tiles_nchw, tiles_nhwc
 
@@ -117,14 +118,10 @@ def _splits(programs, length, block, target):
     return triton.cdiv(length, chunk), chunk
 
 
-def _math_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _prepare_gate(gate, N, C, x):
     if gate is None:
         return x, False  # any pointer: never read
-    return gate.reshape(N, C).to(_math_dtype(x.dtype)).contiguous(), True
+    return gate.reshape(N, C).to(math_dtype(x.dtype)).contiguous(), True
 
 
 def recalibrate_forward_triton(x, gate, identity, act: int, channels_last: bool):

@@ -14,6 +14,7 @@ from torch import nn
 import fer_kernels.nn.conv as conv
 from fer_kernels.models import resnet18
 from fer_kernels.nn import Conv2d
+from fer_kernels.ops._layout import window_output_size
 
 # (in channels, out channels, kernel, stride, padding, input H x W): stage 3-4 shapes of a ResNet at 48 px,
 # odd and non-square kernels, maps, strides and paddings, and the ABP gate's 1x1 on a 1 x 1 map
@@ -144,7 +145,7 @@ def test_bfloat16_within_its_rounding_and_as_close_as_onednn(shape, how, monkeyp
     ours, plain = _pair(shape[:6], torch.float32, True)
     ours, plain = ours.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
     x = torch.randn(8, shape[0], *shape[5]).contiguous(memory_format=torch.channels_last)
-    out_map = conv._output_size(shape[5], ours.kernel_size, ours.stride, ours.padding)
+    out_map = window_output_size(shape[5], ours.kernel_size, ours.stride, ours.padding)
     grad = torch.randn(8, shape[1], *out_map).bfloat16()
     if how == "bfloat16 layer":
         ours, plain, x = ours.bfloat16(), plain.bfloat16(), x.bfloat16()
@@ -193,7 +194,7 @@ def test_tap_windows_join_exactly_the_pairs_of_the_definition():
                                          (2, 1, 3, 3, 2, 2, 1, 1), (7, 5, 7, 7, 2, 2, 3, 3), (3, 4, 3, 3, 1, 1, 0, 0),
                                          (6, 6, 2, 2, 2, 2, 0, 0), (1, 1, 3, 3, 3, 3, 2, 2), (5, 2, 1, 1, 2, 3, 0, 0)]:
         (ho, wo), taps = conv.tap_windows((h, w), (kh, kw), (sh, sw), (ph, pw))
-        assert (ho, wo) == conv._output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
+        assert (ho, wo) == window_output_size((h, w), (kh, kw), (sh, sw), (ph, pw))
         out_ids, in_ids = torch.arange(ho * wo).view(ho, wo), torch.arange(h * w).view(h, w)
         got = {tap: set(zip(out_ids[q].flatten().tolist(), in_ids[p].flatten().tolist())) for tap, q, p in taps}
         want = {}
