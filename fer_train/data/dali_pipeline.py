@@ -3,9 +3,9 @@ with a mirrored border, colour jitter and normalisation, from the files of any f
 
 A parallel external source reads each batch's files in Python worker processes and draws each
 sample's parameters exactly as the PyTorch pipeline does (fer_train.data.pipeline.Pipeline.params, from
-(seed, epoch, index)): resize, crop, face box, flip, rotation and shear become one matrix, so DALI does
-the geometry as a single warp of the decoded image (one pass at the output size instead of one per
-step).
+(seed, epoch, index)): resize, crop, face box, flip, rotation, shear and the optional random crop (zoom
+and shift) become one matrix, so DALI does the geometry as a single warp of the decoded image (one pass at
+the output size instead of one per step).
 
 On the CPU (device_id=None) the graph is all DALI: decode; the colour jitter as one linear map of each
 pixel's RGB at the source's resolution (48 x 48 for FERPlus: 20x fewer pixels than the output, which

@@ -347,6 +347,7 @@ def test_every_preset_builds_and_the_paper_presets_follow_the_spec():
     hour = build_config("ferplus-cpu-1h", check_paths=False)
     assert (hour.train.time_budget, hour.data.ferplus_label_mode, hour.data.image_size) == ("60m", "soft", 48)
     assert (hour.data.class_weights, hour.data.class_balance, hour.data.fmix) == ("none", 0.5, False)
+    assert (hour.data.zoom, hour.data.translate) == (0.1, 0.1)
 
 
 def test_learning_rate_is_flat_then_cosine():

@@ -49,7 +49,8 @@ def _rgb_set(tmp_path: Path, n: int = 10, encode=png, draw=pattern):
 
 def _loader(dataset, train, backend="torch", **kw):
     kw.setdefault("num_workers", 0 if backend == "torch" else 1)
-    return build_loader(dataset, kw.pop("batch_size", 4), train, device="cpu", backend=backend, config=CONFIG, **kw)
+    kw.setdefault("config", CONFIG)
+    return build_loader(dataset, kw.pop("batch_size", 4), train, device="cpu", backend=backend, **kw)
 
 
 def _expected(dataset, indices, train, seed=0, epoch=0):
@@ -246,14 +247,16 @@ def test_linear_colour_is_the_identity_for_neutral_factors():
 
 
 @needs_dali
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_dali_cpu_graph_agrees_with_the_pytorch_pipeline(tmp_path, train):
-    """The same samples and geometry; colour within the linear approximation's error (module docstring).
-    Colour goes before the warp in DALI and after it in the specification: the same for a linear map, but
-    not where it clamps next to a sharp edge, so train uses smooth images (eval does no colour)."""
+@pytest.mark.parametrize("train,config", [(False, CONFIG), (True, CONFIG),
+                                          (True, AugmentConfig(out_size=40, resize=46, zoom=0.2, translate=0.15))],
+                         ids=["eval", "train", "train-random-crops"])
+def test_dali_cpu_graph_agrees_with_the_pytorch_pipeline(tmp_path, train, config):
+    """The same samples and geometry (random crops included); colour within the linear approximation's error
+    (module docstring). Colour goes before the warp in DALI and after it in the specification: the same for a
+    linear map, but not where it clamps next to a sharp edge, so train uses smooth images (eval does no colour)."""
     dataset = _rgb_set(tmp_path, n=8, draw=_smooth if train else pattern)
-    dali = [x for x, _ in _loader(dataset, train, backend="dali")]
-    torch_batches = [x for x, _ in _loader(dataset, train)]
+    dali = [x for x, _ in _loader(dataset, train, backend="dali", config=config)]
+    torch_batches = [x for x, _ in _loader(dataset, train, config=config)]
     assert len(dali) == len(torch_batches) == 2
     for a, b in zip(dali, torch_batches):
         diff = (a - b).abs()
