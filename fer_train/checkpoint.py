@@ -12,6 +12,7 @@ load_model() turns either into a model for evaluate / predict.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import tempfile
@@ -140,7 +141,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
     if path.is_dir():
         path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
     state = load(path)
-    config = build_config(state["config"]["preset"], overrides=_as_overrides(state["config"]), check_paths=False)
+    config = build_config(state["config"]["preset"], overrides=saved_settings(state["config"]), check_paths=False)
     model = build_model(config.model, pretrained=False)
     try:
         model.load_state_dict(state["model"])
@@ -151,5 +152,19 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
                        int(state.get("step", 0)), str(path))
 
 
-def _as_overrides(config: dict) -> dict:
-    return {section: values for section, values in config.items() if isinstance(values, dict)}
+def saved_settings(saved: dict) -> dict:
+    """A run's saved configuration (RunConfig.to_dict(), as checkpoints hold it) as overrides for
+    build_config(its preset, ...): every section it saved, and each setting it predates (added to the code
+    since) at its dataclass default, the behaviour the run had, not at the value its preset gives now."""
+    from fer_train.config import RunConfig
+
+    sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if f.name != "preset"}
+    out = {}
+    for section, values in saved.items():
+        if not isinstance(values, dict):
+            continue
+        out[section] = dict(values)
+        if section in sections:
+            for name, value in dataclasses.asdict(sections[section]()).items():
+                out[section].setdefault(name, value)
+    return out

@@ -109,7 +109,7 @@ def train(args, started: float | None = None) -> int:
     resume = None
     if args.resume:
         resume = checkpoint.load(args.resume)
-        saved = {k: v for k, v in resume["config"].items() if isinstance(v, dict)}
+        saved = checkpoint.saved_settings(resume["config"])
         for section, keys in _KEPT_ON_RESUME.items():
             for key in keys:
                 asked = overrides.get(section, {}).get(key)

@@ -350,6 +350,19 @@ def test_every_preset_builds_and_the_paper_presets_follow_the_spec():
     assert (hour.data.zoom, hour.data.translate) == (0.1, 0.1)
 
 
+def test_a_saved_run_keeps_the_settings_it_predates_off():
+    """A checkpoint saved before a setting existed resumes (and loads) with that setting's dataclass default,
+    the behaviour it trained with, not with the value its preset has gained since (ferplus-cpu-1h took random
+    crops after its first runs); the settings it saved stay as saved."""
+    saved = build_config("ferplus-cpu-1h", check_paths=False).to_dict()
+    saved["optim"]["lr"] = 5e-3
+    del saved["data"]["zoom"], saved["data"]["translate"]
+    resumed = build_config("ferplus-cpu-1h", overrides=checkpoint.saved_settings(saved), check_paths=False)
+    assert (resumed.data.zoom, resumed.data.translate) == (0.0, 0.0)
+    assert (resumed.optim.lr, resumed.data.class_balance, resumed.train.time_budget) == (5e-3, 0.5, "60m")
+    assert checkpoint.saved_settings(build_config("ferplus-cpu-1h", check_paths=False).to_dict())["data"]["zoom"] == 0.1
+
+
 def test_learning_rate_is_flat_then_cosine():
     factors = [lr_factor(step, 10, "flat_cosine", 0.5) for step in range(10)]
     assert factors[:5] == [1.0] * 5 and factors[5] == 1.0 and factors[-1] > 0
