@@ -12,7 +12,6 @@ load_model() turns either into a model for evaluate / predict.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import tempfile
@@ -158,13 +157,6 @@ def saved_settings(saved: dict) -> dict:
     since) at its dataclass default, the behaviour the run had, not at the value its preset gives now."""
     from fer_train.config import RunConfig
 
-    sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if f.name != "preset"}
-    out = {}
-    for section, values in saved.items():
-        if not isinstance(values, dict):
-            continue
-        out[section] = dict(values)
-        if section in sections:
-            for name, value in dataclasses.asdict(sections[section]()).items():
-                out[section].setdefault(name, value)
-    return out
+    defaults = RunConfig().to_dict()
+    return {section: {**defaults.get(section, {}), **values} for section, values in saved.items()
+            if isinstance(values, dict)}

@@ -360,7 +360,8 @@ def test_a_saved_run_keeps_the_settings_it_predates_off():
     resumed = build_config("ferplus-cpu-1h", overrides=checkpoint.saved_settings(saved), check_paths=False)
     assert (resumed.data.zoom, resumed.data.translate) == (0.0, 0.0)
     assert (resumed.optim.lr, resumed.data.class_balance, resumed.train.time_budget) == (5e-3, 0.5, "60m")
-    assert checkpoint.saved_settings(build_config("ferplus-cpu-1h", check_paths=False).to_dict())["data"]["zoom"] == 0.1
+    current = build_config("ferplus-cpu-1h", check_paths=False).to_dict()
+    assert checkpoint.saved_settings(current)["data"]["zoom"] == 0.1
 
 
 def test_learning_rate_is_flat_then_cosine():
