@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import sys
@@ -161,6 +162,18 @@ class _BatchSource:
         return encode_png(image).numpy(), seen[1]
 
 
+def _end_notify_for_the_dead(thread_id: int) -> None:
+    """If the thread `thread_id` is waiting in multiprocessing.Condition.notify for a woken worker to take a
+    task, ends that wait: called once every worker has exited, when none ever will. notify counts each
+    sleeper's acknowledgement on the condition's _woken_count semaphore; a worker killed while it slept
+    (SIGKILL, the kernel's OOM killer) never gives it, and DALI's task queue would wait for it for good (its
+    own comments name the hazard). One release stands in for the dead sleeper: the queue is then used no
+    more, since the pipeline's next run finds its workers gone, raises, and is rebuilt."""
+    frame = sys._current_frames().get(thread_id)
+    if frame is not None and frame.f_code is multiprocessing.synchronize.Condition.notify.__code__:
+        frame.f_locals["self"]._woken_count.release()
+
+
 def _placeholder(cache=[]) -> np.ndarray:  # noqa: B006 - made once per process
     """A 1 x 1 grey PNG: the files of a batch that could not be made, which DALI still decodes."""
     if not cache:
@@ -267,21 +280,31 @@ class DaliPipeline(Pipeline):
         """The next batch, waiting at most `timeout` seconds for the workers: then a timer records their
         states and ends the wait, and __iter__ raises. It kills a running worker (DALI stops when a worker
         exits) but resumes a stopped one: DALI's task queue waits for a worker it wakes to take the task
-        (multiprocessing.Condition.notify), so a stopped worker, or one killed while stopped, would hold the
-        main process in that wait for good."""
+        (multiprocessing.Condition.notify), so a stopped worker would hold the main process in that wait for
+        good. A worker that died while it slept on the queue holds it the same way (it can never take the
+        task): the timer then ends that wait itself (_end_notify_for_the_dead)."""
         workers = self._workers()
         if not workers:
             return self._pipe.run()
         start, lock, waiting = time.monotonic(), threading.Lock(), [True]
+        caller = threading.get_ident()
 
         def stalled():
             with lock:  # not once the batch has come
-                if waiting:
-                    self._stalled = worker_failure("DALI", workers, time.monotonic() - start, self.timeout)
-                    for process in workers:
-                        if process.exitcode is None:
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(process.pid, signal.SIGCONT if is_stopped(process) else signal.SIGKILL)
+                if not waiting:
+                    return
+                # a worker that has died is the cause, whatever else the wait looks like
+                died = any(process.exitcode is not None for process in workers)
+                self._stalled = worker_failure("DALI", workers, None if died else time.monotonic() - start,
+                                               self.timeout)
+                for process in workers:
+                    if process.exitcode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(process.pid, signal.SIGCONT if is_stopped(process) else signal.SIGKILL)
+                for process in workers:
+                    process.join(timeout=1.0)
+                if all(process.exitcode is not None for process in workers):
+                    _end_notify_for_the_dead(caller)
 
         timer = threading.Timer(self.timeout, stalled)
         timer.daemon = True

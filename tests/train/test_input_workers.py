@@ -121,6 +121,23 @@ def test_a_killed_worker_is_named_with_how_it_ended(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_worker_killed_while_it_waits_for_work_is_named(backend):
+    """Killed a second after the first batch, when it has filled the queue and sleeps until asked for more:
+    DALI's task queue would wait for good for the dead sleeper to take the next task (a multiprocessing
+    Condition counts on the woken to answer); the wait ends with the error naming it."""
+    process = python_process(["-c", _reader(backend, hold=True)], stdin=subprocess.PIPE)
+    worker = _worker(process)
+    time.sleep(1.0)
+    os.kill(worker, signal.SIGKILL)
+    out, err = _finish(process, timeout=60, input="go\n")
+    assert process.returncode != 0 and "read everything" not in out
+    assert f"pid {worker}" in err and ("was killed by SIGKILL" in err or "killed by signal: Killed" in err), err[-3000:]
+    if backend == "dali":
+        assert f"InputWorkerError: the DALI pipeline's input worker pid {worker} was killed by SIGKILL" in err
+    assert process_group_gone(process.pid)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_stopped_worker_ends_the_wait_with_its_state(backend):
     """Stopped a second after the first batch, when it has filled the queue while the main process held: the
     batches it sent before the stop are still to be read, and reading them must not need the worker."""
