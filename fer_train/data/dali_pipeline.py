@@ -297,11 +297,14 @@ class DaliPipeline(Pipeline):
                 died = any(process.exitcode is not None for process in workers)
                 self._stalled = worker_failure("DALI", workers, None if died else time.monotonic() - start,
                                                self.timeout)
+                killed = []
                 for process in workers:
                     if process.exitcode is None:
+                        resume = is_stopped(process)
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(process.pid, signal.SIGCONT if is_stopped(process) else signal.SIGKILL)
-                for process in workers:
+                            os.kill(process.pid, signal.SIGCONT if resume else signal.SIGKILL)
+                        killed += [] if resume else [process]
+                for process in killed:
                     process.join(timeout=1.0)
                 if all(process.exitcode is not None for process in workers):
                     _end_notify_for_the_dead(caller)
