@@ -164,8 +164,10 @@ def step_part(args, device):
              f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}; median of timed steps after warm-up "
              "steps (which include compilation)", "paper_run_hours = 60,000 x 256 images / images_per_s"]
     results = common.Results("train", device, args, notes, measure_copy=False)
-    for arch in args.models:
-        for compiled in compile_modes:
+    # every eager row before the compiled ones: compiling a model takes a minute or more, and a run stopped by
+    # its time limit should still have measured the eager steps of every model
+    for compiled in compile_modes:
+        for arch in args.models:
             for fused in (True, False):
                 step = make_step(arch, fused, compiled, batch, size, device)
                 ms = common.time_ms([step], device, min_reps=3 if device.type == "cpu" else 5, min_seconds=0.0

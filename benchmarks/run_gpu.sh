@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Build, test and benchmark fer-kernels on a CUDA machine in one call.
 #
-#   bash benchmarks/run_gpu.sh                      all stages: build test mish recalibrate memory optim train pipeline
+#   bash benchmarks/run_gpu.sh                      all stages: build test mish recalibrate memory optim train
+#                                                   pipeline test_train
 #   bash benchmarks/run_gpu.sh mish recalibrate     some stages (a warm machine keeps the build)
 #
-# The extension is built there, against that machine's torch: one built elsewhere will not load.
+# The extension is built there, against that machine's torch: one built elsewhere will not load. An in-place
+# build that imports with its CUDA kernels and is newer than every source is kept (a warm machine's build, or
+# one made elsewhere against the same torch and Python); any source edited since rebuilds it.
+# test: the kernel tests (tests/kernels, the CUDA and Triton backends against the references on the GPU);
+# test_train: the engine's tests, which train on the GPU where there is one. Both run in parallel with
+# pytest-xdist and a per-test limit with pytest-timeout where those are installed.
 # Results: benchmarks/results/<gpu>-{mish,recalibrate,memory,optim,train,pipeline}.json, copied with this log to $OUT if set.
 # Every stage runs under a time limit that keeps the whole call inside BUDGET seconds (default 570; the
 # device tool stops a call at 600); the benchmarks write their JSON after every row, so a stage that runs
@@ -14,7 +20,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${*:-build test mish recalibrate memory optim train pipeline}
+ALL_STAGES="build test mish recalibrate memory optim train pipeline test_train"
+STAGES=${*:-$ALL_STAGES}
 BUDGET=${BUDGET:-570}
 START=$SECONDS
 
@@ -30,7 +37,28 @@ limit() {
     [ "$left" -lt "$1" ] && echo $((left > 10 ? left : 10)) || echo "$1"
 }
 
+# Whether fer_kernels._C is built in place, newer than every source it is built from, and imports with its
+# CUDA kernels against this torch.
+built_and_current() {
+    local so
+    so=$(ls fer_kernels/_C*.so 2>/dev/null | head -n 1)
+    [ -n "$so" ] || return 1
+    [ -z "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ] || return 1
+    $PY -c "import sys, fer_kernels._C as C; sys.exit(0 if C.with_cuda else 1)" 2>/dev/null
+}
+
+show_backends() {
+    run $PY -c "import json, fer_kernels, fer_kernels._C as C
+assert C.with_cuda, 'fer_kernels._C was built without its CUDA kernels'
+print(json.dumps(fer_kernels.backends(), indent=1))"
+}
+
 stage_build() {
+    if built_and_current; then
+        echo "fer_kernels._C is built, newer than its sources and imports with CUDA kernels: kept"
+        show_backends
+        return
+    fi
     export FER_KERNELS_CUDA=1 FER_KERNELS_EXTENSION=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
     # The image's python3 is a system Python: pip may refuse it as externally managed (PEP 668) unless
     # told otherwise; PIP_BREAK_SYSTEM_PACKAGES does that for pip >= 23.0.1 and is ignored by older pips.
@@ -42,17 +70,38 @@ stage_build() {
         echo "pip install -e . failed; building the extension in place instead"
         run timeout "$(limit 300)" $PY setup.py build_ext --inplace || return 1
     fi
-    run $PY -c "import json, fer_kernels, fer_kernels._C as C
-assert C.with_cuda, 'fer_kernels._C was built without its CUDA kernels'
-print(json.dumps(fer_kernels.backends(), indent=1))"
+    show_backends
 }
 
-stage_test() { run timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider --durations=5 tests; }
+# pytest with one worker per core (pytest-xdist) and a limit per test (pytest-timeout), where installed. At
+# the stage's limit pytest gets SIGINT, stops as for Ctrl-C and still writes its JUnit report, from which the
+# tests that failed so far are listed (its own summary lists none when interrupted under xdist).
+pytest_run() {
+    local cap=$1 options=() report status
+    shift
+    $PY -c "import xdist" 2>/dev/null && options+=(-n "$(nproc)")
+    $PY -c "import pytest_timeout" 2>/dev/null && options+=(--timeout 120)
+    report=$(mktemp --suffix .xml)
+    run timeout -s INT -k 20 "$(limit "$cap")" $PY -m pytest -q -p no:cacheprovider -rfE --durations=5 \
+        --junitxml "$report" "${options[@]}" "$@"
+    status=$?
+    $PY -c "import sys, xml.etree.ElementTree as ET
+for case in ET.parse(sys.argv[1]).iter('testcase'):
+    if case.find('failure') is not None or case.find('error') is not None:
+        print('FAILED', case.get('classname', '').replace('.', '/') + '.py::' + case.get('name', ''))" "$report" 2>/dev/null
+    rm -f "$report"
+    return $status
+}
+
+stage_test() { pytest_run 150 tests/kernels; }
+stage_test_train() { pytest_run 240 tests/train; }
 stage_mish() { run timeout "$(limit 120)" $PY benchmarks/bench_mish.py --device cuda; }
 stage_recalibrate() { run timeout "$(limit 180)" $PY benchmarks/bench_recalibrate.py --device cuda; }
 stage_memory() { run timeout "$(limit 90)" $PY benchmarks/bench_memory.py --device cuda; }
 stage_optim() { run timeout "$(limit 90)" $PY benchmarks/bench_optim.py --device cuda; }
-stage_train() { run timeout "$(limit 240)" $PY benchmarks/bench_train.py --device cuda; }
+# the step part only: the engine part's settings (threads, glibc's allocator, bf16 where the CPU has it) are
+# the CPU's questions; a GPU engine's rate comes from a real run (the README's command)
+stage_train() { run timeout "$(limit 240)" $PY benchmarks/bench_train.py --device cuda --parts step; }
 # no DALI on the GPU image: the PyTorch pipeline against the torchvision baseline, on the synthetic JPEGs
 # (real data sets are not carried to the GPU machine), with the machine's cores as workers
 stage_pipeline() { run timeout "$(limit 120)" $PY benchmarks/bench_pipeline.py --device cuda --sets synthetic256 \
@@ -60,7 +109,7 @@ stage_pipeline() { run timeout "$(limit 120)" $PY benchmarks/bench_pipeline.py -
 
 for stage in $STAGES; do
     if ! declare -F "stage_$stage" >/dev/null; then
-        echo "unknown stage $stage (stages: build test mish recalibrate memory optim train pipeline)"
+        echo "unknown stage $stage (stages: $ALL_STAGES)"
         exit 2
     fi
 done
