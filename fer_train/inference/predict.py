@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fer_train.config import installed
 from fer_train.errors import ConfigError, DataError
 from fer_train.inference.outputs import RowWriter, VideoAnnotator, annotate_image, output_names, write_report
 from fer_train.inference.video import VIDEO_EXTENSIONS, process_video
@@ -67,6 +68,9 @@ def predict_files(recognizer, images: list[Path], videos: list[Path], options: O
     if options.whole_image and videos:
         raise ConfigError(f"--whole-image takes each image as one face; {videos[0]} is a video, whose faces are "
                           "always detected: leave it out or drop --whole-image")
+    if videos and not installed("av"):  # before any image is done: the run would stop at the first video
+        raise ConfigError(f"{videos[0]} is a video, and reading videos needs PyAV (FFmpeg's decoders): "
+                          "pip install av, or leave the videos out")
     names = output_names(images + videos)
     writer = RowWriter(options.output, recognizer.classes)
     counts = {"images": len(images), "faces": 0, "with_faces": 0, "without_faces": 0, "unreadable": 0,

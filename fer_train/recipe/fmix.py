@@ -55,6 +55,8 @@ def sample_lambda(alpha: float = 1.0, size: int | None = None, generator: torch.
 
 
 def _spectral_images(n: int, h: int, w: int, decay_power: float, generator, device) -> torch.Tensor:
+    if n == 0:  # no FFT of an empty batch: oneMKL's (torch 2.11 on the CPU) rejects it as a bad configuration
+        return torch.zeros(0, h, w, device=device)
     fy = torch.fft.fftfreq(h, device=device)[:, None]
     fx = torch.fft.rfftfreq(w, device=device)[None, :]
     scale = torch.sqrt(fy * fy + fx * fx).clamp(min=1.0 / max(h, w)).pow(-decay_power)

@@ -16,12 +16,15 @@ import pytest
 import torch
 
 from fer_train.cli import main
+from fer_train.config import installed
 from fer_train.errors import DataError
 from fer_train.inference.tracking import Smoother, Tracker
 from fer_train.inference.video import Progress, read_frames
 from helpers import FACE_SIZE, REPO, face_scene, png, tiny_run, write, write_video
 
 RATE, FRAMES, STEP = 25, 20, 5  # the face moves STEP pixels a frame
+# the clips are made and read with PyAV; the tracker, the smoother and the progress line need no video
+needs_pyav = pytest.mark.skipif(not installed("av"), reason="PyAV is not installed: videos cannot be made or read")
 
 
 def face_at(i: int) -> tuple[int, int]:
@@ -39,6 +42,7 @@ def run(tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp("run"))
 
 
+@needs_pyav
 def test_a_moving_face_keeps_one_track_and_its_rows_follow_it(run, clip, tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     assert main(["predict", str(run), str(clip), "-o", str(out), "--annotate", str(tmp_path / "seen"),
@@ -64,6 +68,22 @@ def test_a_moving_face_keeps_one_track_and_its_rows_follow_it(run, clip, tmp_pat
     assert "| 1 |" in (tmp_path / "report" / "moving.summary.md").read_text()
 
 
+def test_without_pyav_a_video_is_refused_before_any_work(run, tmp_path, capsys, monkeypatch):
+    """Without PyAV the command stops at once, naming the video and the package, before it reads any image."""
+    import fer_train.inference.predict as predict
+
+    monkeypatch.setattr(predict, "installed", lambda module: module != "av")
+    folder = tmp_path / "inputs"
+    write(folder / "photo.png", png(face_scene([(20, 20)])[0]))
+    write(folder / "clip.mp4", b"not read")
+    out = tmp_path / "rows.jsonl"
+    assert main(["predict", str(run), str(folder), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {folder / 'clip.mp4'} is a video, and reading videos needs PyAV" in err and "pip install av" in err
+    assert not out.exists() or out.read_text() == ""
+
+
+@needs_pyav
 def test_every_nth_frame_and_csv_rows(run, clip, tmp_path):
     out = tmp_path / "rows.csv"
     assert main(["predict", str(run), str(clip), "-o", str(out), "--every", "3", "--smooth", "0"]) == 0
@@ -131,12 +151,14 @@ def _damaged(folder, clip):
     return ["truncated.mp4", "zero-bytes.mp4", "noise.mkv", "notes.avi", "no-frames.mp4"]
 
 
+@needs_pyav
 def test_damaged_and_empty_videos_are_errors_naming_the_file(clip, tmp_path):
     for name in _damaged(tmp_path, clip):
         with pytest.raises(DataError, match=name):
             list(read_frames(tmp_path / name))
 
 
+@needs_pyav
 def test_a_folder_of_images_and_good_and_bad_videos_in_one_run(run, clip, tmp_path):
     """In a subprocess with a timeout: a damaged video must never hang the command."""
     folder = tmp_path / "mixed"
