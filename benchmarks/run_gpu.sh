@@ -2,7 +2,8 @@
 # Build, test and benchmark fer-kernels on a CUDA machine in one call.
 #
 #   bash benchmarks/run_gpu.sh                      all stages: build test mish recalibrate memory optim train
-#                                                   pipeline test_train
+#                                                   pipeline test_train ferplus
+#   FERPLUS=DIR bash benchmarks/run_gpu.sh build ferplus   the paper's FERPlus row for the rest of BUDGET
 #   bash benchmarks/run_gpu.sh mish recalibrate     some stages (a warm machine keeps the build)
 #
 # The extension is built there, against that machine's torch: one built elsewhere will not load. An in-place
@@ -11,16 +12,17 @@
 # test: the kernel tests (tests/kernels, the CUDA and Triton backends against the references on the GPU);
 # test_train: the engine's tests, which train on the GPU where there is one. Both run in parallel with
 # pytest-xdist and a per-test limit with pytest-timeout where those are installed.
-# Results: benchmarks/results/<gpu>-{mish,recalibrate,memory,optim,train,pipeline}.json, copied with this log to $OUT if set.
-# Every stage runs under a time limit that keeps the whole call inside BUDGET seconds (default 570; the
-# device tool stops a call at 600); the benchmarks write their JSON after every row, so a stage that runs
+# Results: benchmarks/results/<gpu>-{mish,recalibrate,memory,optim,train,pipeline}.json (and the ferplus stage's
+# folder), packed into $OUT/results.tar.gz beside this log if OUT is set.
+# Every stage runs under a time limit that keeps the whole call inside BUDGET seconds (default 570: a
+# call under ten minutes); the benchmarks write their JSON after every row, so a stage that runs
 # out of time still leaves what it measured, marked "complete": false.
-# Environment: PYTHON (default python3), BUDGET, MAX_JOBS (default: all cores).
+# Environment: PYTHON (default python3), BUDGET, MAX_JOBS (default: all cores), FERPLUS (the ferplus stage's data).
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-ALL_STAGES="build test mish recalibrate memory optim train pipeline test_train"
+ALL_STAGES="build test mish recalibrate memory optim train pipeline test_train ferplus"
 STAGES=${*:-$ALL_STAGES}
 BUDGET=${BUDGET:-570}
 START=$SECONDS
@@ -106,6 +108,30 @@ stage_train() { run timeout "$(limit 240)" $PY benchmarks/bench_train.py --devic
 # (real data sets are not carried to the GPU machine), with the machine's cores as workers
 stage_pipeline() { run timeout "$(limit 120)" $PY benchmarks/bench_pipeline.py --device cuda --sets synthetic256 \
     --pipelines dali,torch,torchvision --workers "$(nproc)" --repeats 2; }
+# ferplus, with FERPLUS set to a FERPlus folder (docs/method.md section 7; skipped without it): the paper's
+# Table 7 FERPlus row (ResNet-50 + Mish + ABP, 224 px, bf16, the paper's recipe) trained for what is left of
+# BUDGET, its evaluation included; the run's files but its weights go to
+# benchmarks/results/<gpu>-ferplus-table7/ (the weights stay in runs/)
+stage_ferplus() {
+    if [ -z "${FERPLUS:-}" ]; then
+        echo "ferplus: skipped (set FERPLUS to a FERPlus folder)"
+        return 0
+    fi
+    local seconds=$((BUDGET - (SECONDS - START) - 40)) name status
+    if [ "$seconds" -lt 60 ]; then
+        echo "ferplus: ${seconds} s left of BUDGET, too little to train"
+        return 1
+    fi
+    name=$($PY -c "import torch, sys; sys.path.insert(0, 'benchmarks'); import common
+print(common.slug(torch.cuda.get_device_name()))")-ferplus-table7
+    rm -rf "runs/$name"
+    run timeout $((seconds + 30)) $PY -m fer_train train --preset table7-resnet50-mish-abp-ferplus --ferplus "$FERPLUS" \
+        --time-budget "${seconds}s" --workers "$(nproc)" --out "runs/$name" --set train.log_every=50
+    status=$?
+    mkdir -p "benchmarks/results/$name"
+    find "runs/$name" -maxdepth 1 -type f ! -name '*.pt' -exec cp {} "benchmarks/results/$name/" \;
+    return $status
+}
 
 for stage in $STAGES; do
     if ! declare -F "stage_$stage" >/dev/null; then
@@ -137,9 +163,9 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torc
         fi
     done
 
-    mapfile -t WRITTEN < <(find benchmarks/results -name '*.json' -newer "$mark" | sort)
-    if [ -n "${OUT:-}" ] && [ "${#WRITTEN[@]}" -gt 0 ]; then
-        cp "${WRITTEN[@]}" "$OUT/"
+    mapfile -t WRITTEN < <(find benchmarks/results -maxdepth 1 -name '*.json' -newer "$mark" | sort)
+    if [ -n "${OUT:-}" ]; then  # one archive of every file this run wrote under benchmarks/results
+        find benchmarks/results -type f -newer "$mark" -print0 | tar czf "$OUT/results.tar.gz" --null -T -
     fi
     echo "== summary ($((SECONDS - START)) s)"
     for stage in $STAGES; do
