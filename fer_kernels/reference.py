@@ -227,7 +227,8 @@ def augment(image: torch.Tensor, matrix: torch.Tensor, colour: torch.Tensor, out
     if src.shape[0] == 1:
         src = src.expand(3, -1, -1)
     _, h, w = src.shape
-    v, u = torch.meshgrid(torch.arange(out_size, dtype=dtype), torch.arange(out_size, dtype=dtype), indexing="ij")
+    pixels = torch.arange(out_size, dtype=dtype, device=src.device)
+    v, u = torch.meshgrid(pixels, pixels, indexing="ij")
     m = matrix.to(dtype)
     x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
     y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
@@ -242,6 +243,6 @@ def augment(image: torch.Tensor, matrix: torch.Tensor, colour: torch.Tensor, out
     grey = rgb_to_grey(rgb)
     rgb = (grey + saturation * (rgb - grey)).clamp(0, 1)
     rgb = shift_hue(rgb, hue).clamp(0, 1)
-    mean_t = torch.tensor(mean, dtype=dtype)[:, None, None]
-    std_t = torch.tensor(std, dtype=dtype)[:, None, None]
+    mean_t = torch.tensor(mean, dtype=dtype, device=src.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=dtype, device=src.device)[:, None, None]
     return (rgb - mean_t) / std_t

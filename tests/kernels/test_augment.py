@@ -109,6 +109,17 @@ def test_reference_path_is_the_specification_in_float32():
             (0, 3, 24, 24)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_reference_makes_its_tensors_on_the_images_device(channels):
+    """The reference runs on CUDA tensors too (backend "reference", and the first-use check of the fast
+    kernels): every tensor it makes must be on the image's device. The meta device checks that without a GPU:
+    a tensor made on the CPU and mixed with meta ones raises as it would with CUDA ones."""
+    image = torch.empty(channels, 30, 40, dtype=torch.uint8, device="meta")
+    matrix = torch.empty(2, 3, dtype=torch.float64, device="meta")
+    out = reference.augment(image, matrix, [1.1, 0.9, 1.2, 0.05], 24)
+    assert out.device.type == "meta" and out.shape == (3, 24, 24) and out.dtype == torch.float64
+
+
 def test_a_grey_image_is_replicated():
     grey = torch.randint(0, 256, (1, 30, 30), dtype=torch.uint8)
     out = fer_kernels.augment([grey], *_identity(1), 30)[0] * STD + MEAN
