@@ -57,8 +57,12 @@ def build_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Ave
     """An exponential moving average of the model's weights and buffers (batch-norm statistics too). Its decay
     rises from about 0.1 at the start to `decay` ((1 + n) / (10 + n) after n updates, as timm's), so that a
     short run's average is not dominated by the random initial weights."""
+    average = None
+
     def ema_update(averaged: list, current: list, num_averaged) -> None:
-        n = int(num_averaged)
+        # the count from the average's own buffer, kept on the CPU: num_averaged is its copy on the parameters'
+        # device, and int() of that would make the host wait for a GPU at every step
+        n = int(average.n_averaged)
         floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
         if floats:
             torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
@@ -66,4 +70,5 @@ def build_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Ave
             if not a.is_floating_point():  # counters such as batch norm's num_batches_tracked: the current value
                 a.copy_(c)
 
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    average = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    return average

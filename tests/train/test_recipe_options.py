@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fer_train import budget, checkpoint
 from fer_train.cli import main
+from fer_train.factories import build_ema
 from fer_train.recipe.fmix import fmix_loss
 from fer_train.recipe.schedule import lr_factor, stretch_decay
 from helpers import TINY
@@ -173,6 +174,26 @@ def test_with_ema_best_pt_holds_the_averaged_weights(tmp_path):
     assert best["model"].keys() == last["model"].keys() == averaged.keys()
     assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
     assert not all(torch.equal(best["model"][k], last["model"][k]) for k in averaged)
+
+
+def test_the_ema_decay_warms_up_from_a_count_the_host_already_has():
+    """The decay after n updates is min(decay, (1 + n) / (10 + n)), from the average's count on the CPU: the
+    copy on the parameters' device that AveragedModel hands over would make the host wait for a GPU at every
+    step. Parameters on the meta device stand in for a GPU's: reading one to the host raises."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = build_ema(model, 0.9)
+    with torch.no_grad():
+        for n in range(4):  # n updates so far: the first copies, then decay (1 + n') / (10 + n') for n' = 1, 2, 3
+            before = average.module[0].weight.clone()
+            model[0].weight.add_(1.0)
+            average.update_parameters(model)
+            if n:
+                step = min(0.9, (1 + n) / (10 + n))
+                torch.testing.assert_close(average.module[0].weight, step * before + (1 - step) * model[0].weight)
+    on_meta = build_ema(model.to("meta"), 0.9)
+    on_meta.update_parameters(model)
+    on_meta.update_parameters(model)  # the first update that averages
+    assert int(on_meta.n_averaged) == 2 and on_meta.n_averaged.device.type == "cpu"
 
 
 def test_class_balanced_sampling_and_weight_decay_run_and_are_recorded(tmp_path, capsys):
