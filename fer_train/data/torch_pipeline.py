@@ -16,11 +16,11 @@ ignore stop signals sent to the process group (shield_worker), and the main proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,12 +33,17 @@ from fer_train.recipe.augmentation import apply, full_boxes
 __all__ = ["TorchPipeline"]
 
 
-@dataclass
+@dataclasses.dataclass
 class _Item:
     data: torch.Tensor  # decoded uint8 C x H x W, or the encoded bytes of a JPEG left for the GPU
     encoded: bool
     box: tuple | None
     path: str | None
+
+    def pin_memory(self) -> _Item:
+        """The DataLoader's pin_memory calls this for each item a worker sends towards a GPU: its data is then
+        copied to the device asynchronously (unpinned, each copy waits for the host)."""
+        return dataclasses.replace(self, data=self.data.pin_memory())
 
 
 class _Fetch:

@@ -134,7 +134,7 @@ class FaceExpressionRecognizer:
 
     def find(self, images: list[torch.Tensor]) -> list[Detections]:
         """One detector pass over uint8 C x H x W images (on any device)."""
-        return self.detector([im.to(self.device, non_blocking=True) for im in images]) if images else []
+        return self.detector([_moved(im, self.device) for im in images]) if images else []
 
     def process(self, images: list[torch.Tensor], whole_image: bool = False,
                 detections: list[Detections] | None = None) -> list[list[Face]]:
@@ -142,7 +142,7 @@ class FaceExpressionRecognizer:
         passes of batch_size faces. whole_image: each image is one face."""
         # one copy of each image where the faces are cut out, the classifier's device (an ONNX model's is the
         # CPU), used by the detector too when it runs there
-        images = [im.to(self.classifier.device, non_blocking=True) for im in images]
+        images = [_moved(im, self.classifier.device) for im in images]
         if whole_image:
             detections = [Detections(torch.tensor([[0.0, 0.0, im.shape[-1], im.shape[-2]]]), torch.tensor([math.nan]))
                           for im in images]
@@ -185,3 +185,10 @@ def _landmarks(detections: list[Detections]) -> torch.Tensor | None:
         return None
     return torch.cat([d.landmarks if d.landmarks is not None else torch.full((len(d), 5, 2), math.nan)
                       for d in detections])
+
+
+def _moved(image: torch.Tensor, device) -> torch.Tensor:
+    """`image` on `device`; asynchronously only towards a GPU: a copy from a GPU to the host that does not wait
+    could be read (by the crops, by onnxruntime) before it has arrived."""
+    device = torch.device(device)
+    return image.to(device, non_blocking=device.type == "cuda")

@@ -282,3 +282,17 @@ def test_closing_a_dali_loader_ends_its_workers_and_reading_goes_on_where_it_sto
     assert len(straight) == 3 and len(rest) == 2
     for a, b in zip(straight, [first, *rest]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+def test_items_sent_to_a_gpu_are_pinned():
+    """The PyTorch pipeline's workers send items that the main process copies to the GPU: the DataLoader's
+    pin_memory pins their data (an unpinned copy waits for the host)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from fer_train.data.torch_pipeline import _Item
+
+    item = _Item(torch.zeros(1, 4, 4, dtype=torch.uint8), False, (0, 0, 4, 4), "face.png")
+    (items, targets, failures) = pin_memory(([item], [torch.tensor(1)], []))
+    assert items[0].data.is_pinned()
+    assert (items[0].box, items[0].path, items[0].encoded) == ((0, 0, 4, 4), "face.png", False)
