@@ -21,8 +21,10 @@ def load_math(ptr, offs, mask, COMPUTE_F64: tl.constexpr):
 
 
 # Activation codes: the index in fer_kernels.reference.ACTIVATIONS (csrc/recalibrate.h's enum Act has the same).
-ACT_MISH: tl.constexpr = ACTIVATIONS.index("mish")
-ACT_RELU: tl.constexpr = ACTIVATIONS.index("relu")
+# Made with tl.constexpr(...): the compiler reads a global in a kernel only as such an instance (an annotation
+# `NAME: tl.constexpr = ...` is a plain int to it, and it refuses the kernel; the interpreter did not mind).
+ACT_MISH = tl.constexpr(ACTIVATIONS.index("mish"))
+ACT_RELU = tl.constexpr(ACTIVATIONS.index("relu"))
 
 
 @triton.jit
