@@ -156,7 +156,8 @@ class TorchPipeline(Pipeline):
             # nvJPEG's hardware decoder does not wait for the work queued on the stream it is given: it can write
             # into blocks the caching allocator handed out again while queued kernels (the last step's) still read
             # them, silently (pytorch/vision#9606; torchcodec drains the stream the same way). Drained first.
-            torch.cuda.current_stream(self.device).synchronize()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
             try:
                 decoded = decode_jpeg([items[k].data for k in jpegs], mode=ImageReadMode.UNCHANGED, device=self.device)
             except RuntimeError:
