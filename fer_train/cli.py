@@ -103,6 +103,7 @@ _KEPT_ON_RESUME = {"model": ("arch", "act", "booster"), "optim": ("name",)}
 
 def train(args, started: float | None = None) -> int:
     from fer_train import checkpoint, run_folder
+    from fer_train.distributed import end_distributed
     from fer_train.engine import NonFiniteLoss, Trainer
 
     overrides = _overrides(args)
@@ -131,6 +132,8 @@ def train(args, started: float | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    finally:
+        end_distributed()
     if outcome["stopped"] in ("SIGTERM", "SIGINT"):
         return 128 + {"SIGTERM": 15, "SIGINT": 2}[outcome["stopped"]]
     return 0

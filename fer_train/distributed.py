@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from fer_train.errors import ConfigError
 
-__all__ = ["Distributed", "init_distributed", "select_device"]
+__all__ = ["Distributed", "end_distributed", "init_distributed", "select_device"]
 
 
 @dataclass
@@ -33,6 +33,14 @@ def init_distributed(device_kind: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def end_distributed() -> None:
+    """Destroys the process group, if one was made, before the interpreter ends: left to its teardown, the
+    group's background threads (gloo's) can be destroyed while they run, and a run that succeeded aborts
+    ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def select_device(spec: str, distributed: Distributed = Distributed()) -> torch.device:
