@@ -208,8 +208,18 @@ def conv2d_by_taps_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
         dx = in_format(dxs.to(x.dtype).permute(2, 3, 0, 1), tail_format(x))
     if need_weight:
         dw = dwt.view(kh, kw, k, c).permute(2, 3, 0, 1)
-        dw = in_format(dw, tail_format(weight))
+        dw = _strides_of(in_format(dw, tail_format(weight)), weight)
     return dx, dw
+
+
+def _strides_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t viewed with like's strides where they differ only on dimensions of size 1, which address the same
+    elements: a 1 x 1 kernel's gradient made tap-major has the right layout but other strides there, and DDP
+    compares strides to its buckets' (and warns on every step)."""
+    if t.stride() != like.stride() and t.shape == like.shape and all(
+            a == b for size, a, b in zip(t.shape, t.stride(), like.stride()) if size > 1):
+        return t.as_strided(t.shape, like.stride())
+    return t
 
 
 def _weight_grad_by_tap(weight: torch.Tensor, written: set) -> torch.Tensor:

@@ -349,3 +349,17 @@ def test_the_environment_sets_or_turns_off_the_limit(value, expected):
                          capture_output=True, text=True, env=env, timeout=120)
     assert expected in (run.stdout if run.returncode == 0 else run.stderr)
     assert (run.returncode == 0) == expected.isdigit()
+
+
+def test_a_1x1_weight_gradient_has_the_weights_strides():
+    """By taps, a 1 x 1 kernel's gradient is made tap-major: the same layout as the channels_last weight, with
+    other strides on its size-1 dimensions. It is handed over with the weight's strides, which DDP compares
+    with its buckets' (it warned at every step of a 48 px run)."""
+    layer = Conv2d(16, 8, 1, stride=2, bias=False).to(memory_format=torch.channels_last)  # a downsample's
+    x = torch.randn(2, 16, 2, 2).contiguous(memory_format=torch.channels_last)  # stage 4 at 32 px: 1 x 1 out
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # by taps for 1 x 1 kernels in bfloat16
+        assert layer._small_map_path(x) == "taps"
+        layer(x).float().sum().backward()
+    assert layer.weight.grad.stride() == layer.weight.stride()
+    expected = x.bfloat16()[:, :, 0, 0].float().sum(0)[None, :, None, None].expand(8, -1, -1, -1)
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-2, atol=1e-2)
