@@ -108,11 +108,9 @@ class Trainer:
             self._restore(resume)
             self.last_good = resume["path"]
         self._checked_step = self.step  # the last step whose loss and weights were seen finite
-        # gradients as views of DDP's buckets: no copy into the buckets and back each step, and no warning that
-        # a 1 x 1 convolution's channels_last gradient has strides other than its bucket's (they are equivalent)
         self.net = self.model if self.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+            gradient_as_bucket_view=True)  # gradients are views of the buckets: no copy into them each step
         self.net = torch.compile(self.net) if t.compile else self.net
         if self.dist.world > 1:  # every rank uses rank 0's run folder (a default name holds the start time)
             shared = [str(self.run_dir)]
