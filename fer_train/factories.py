@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from fer_train.config import ModelConfig, OptimConfig
@@ -53,22 +55,35 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
     return Ranger(params, k=config.k, alpha=config.alpha, **common)
 
 
+class _WeightAverage(torch.optim.swa_utils.AveragedModel):
+    """AveragedModel (its state dict, module and n_averaged buffer) with an update that never waits for a GPU:
+    the count stays on the CPU and the decay is a Python number. AveragedModel's own update copies the count
+    to the parameters' device with a blocking copy, which waits for every queued kernel, at every step."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        n = int(self.n_averaged)  # a CPU tensor: no wait
+        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                         itertools.chain(model.parameters(), model.buffers()), strict=True))
+        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+        if n == 0:  # the first update copies, as AveragedModel's
+            floats, copied = [], pairs
+        else:  # counters such as batch norm's num_batches_tracked take the current value
+            copied = [(a, c) for a, c in pairs if not a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c.detach() for _, c in floats],
+                                 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
+        for a, c in copied:
+            a.copy_(c)
+        self.n_averaged += 1
+
+
 def build_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
     """An exponential moving average of the model's weights and buffers (batch-norm statistics too). Its decay
     rises from about 0.1 at the start to `decay` ((1 + n) / (10 + n) after n updates, as timm's), so that a
     short run's average is not dominated by the random initial weights."""
-    average = None
-
-    def ema_update(averaged: list, current: list, num_averaged) -> None:
-        # the count from the average's own buffer, kept on the CPU: num_averaged is its copy on the parameters'
-        # device, and int() of that would make the host wait for a GPU at every step
-        n = int(average.n_averaged)
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():  # counters such as batch norm's num_batches_tracked: the current value
-                a.copy_(c)
-
-    average = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
-    return average
+    return _WeightAverage(model, decay)

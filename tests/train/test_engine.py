@@ -88,18 +88,20 @@ def test_run_data_pools_the_mixed_evaluation_and_keeps_each_sets_splits(tmp_path
 
 
 def test_resume_gives_the_same_run(tmp_path):
-    """6 steps straight = 3 steps + resume + 3 steps: parameters, Lookahead state and data position (with
-    gradient accumulation, FMix and a schedule that depends on the step)."""
-    straight = Trainer(_tiny_config(tmp_path / "a", micro_batch=2), tmp_path / "a")
+    """6 steps straight = 3 steps + resume + 3 steps: parameters, Lookahead state, the weights' moving
+    average and data position (with gradient accumulation, FMix and a schedule that depends on the step)."""
+    straight = Trainer(_tiny_config(tmp_path / "a", micro_batch=2, ema=0.9), tmp_path / "a")
     straight.fit()
-    first = Trainer(_tiny_config(tmp_path / "b", micro_batch=2), tmp_path / "b", stop_after=3)
+    first = Trainer(_tiny_config(tmp_path / "b", micro_batch=2, ema=0.9), tmp_path / "b", stop_after=3)
     assert first.fit()["stopped"] == "stop_after=3"
     state = checkpoint.load(tmp_path / "b" / "last.pt")
     assert state["step"] == 3 and state["data"]["position"] == 6
-    second = Trainer(_tiny_config(tmp_path / "b", micro_batch=2), tmp_path / "b", resume=state)
+    second = Trainer(_tiny_config(tmp_path / "b", micro_batch=2, ema=0.9), tmp_path / "b", resume=state)
     second.fit()
-    a, b = straight.model.state_dict(), second.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in ((straight.model.state_dict(), second.model.state_dict()),
+                 (straight.ema.state_dict(), second.ema.state_dict())):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int(second.ema.n_averaged) == 6
     state_a, state_b = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
     assert state_a.keys() == state_b.keys() and all("slow_buffer" in s for s in state_a.values())
     for index, entries in state_a.items():  # moments, step counts and Lookahead's slow weights
