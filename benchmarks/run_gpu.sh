@@ -110,7 +110,7 @@ stage_pipeline() { run timeout "$(limit 120)" $PY benchmarks/bench_pipeline.py -
     --pipelines dali,torch,torchvision --workers "$(nproc)" --repeats 2; }
 # ferplus, with FERPLUS set to a FERPlus folder (docs/method.md section 7; skipped without it): the paper's
 # Table 7 FERPlus row (ResNet-50 + Mish + ABP, 224 px, bf16, the paper's recipe) trained for what is left of
-# BUDGET, its evaluation included; the run's files but its weights go to
+# BUDGET, its evaluation included; the run's files, except its weights, are copied to
 # benchmarks/results/<gpu>-ferplus-table7/ (the weights stay in runs/)
 stage_ferplus() {
     if [ -z "${FERPLUS:-}" ]; then
