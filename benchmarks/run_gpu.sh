@@ -81,7 +81,9 @@ stage_build() {
 pytest_run() {
     local cap=$1 options=() report status
     shift
-    $PY -c "import xdist" 2>/dev/null && options+=(-n "$(nproc)")
+    # one intra-op thread per worker: a worker per core, each with a thread per core, would oversubscribe the
+    # cores many times over (tests that compare thread counts set their own)
+    $PY -c "import xdist" 2>/dev/null && options+=(-n "$(nproc)") && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     $PY -c "import pytest_timeout" 2>/dev/null && options+=(--timeout 120)
     report=$(mktemp --suffix .xml)
     run timeout -s INT -k 20 "$(limit "$cap")" $PY -m pytest -q -p no:cacheprovider -rfE --durations=5 \
