@@ -69,10 +69,10 @@ class _WeightAverage(torch.optim.swa_utils.AveragedModel):
         n = int(self.n_averaged)  # a CPU tensor: no wait
         pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
                          itertools.chain(model.parameters(), model.buffers()), strict=True))
-        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
         if n == 0:  # the first update copies, as AveragedModel's
             floats, copied = [], pairs
         else:  # counters such as batch norm's num_batches_tracked take the current value
+            floats = [(a, c) for a, c in pairs if a.is_floating_point()]
             copied = [(a, c) for a, c in pairs if not a.is_floating_point()]
         if floats:
             torch._foreach_lerp_([a for a, _ in floats], [c.detach() for _, c in floats],

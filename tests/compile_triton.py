@@ -142,9 +142,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "launches.jsonl")
         env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-        plugin = ("import sys, pytest; sys.path.insert(0, {tests!r}); from compile_triton import Recorder; "
+        # compile_triton is importable from tests/ on PYTHONPATH
+        plugin = ("import sys, pytest; from compile_triton import Recorder; "
                   "sys.exit(pytest.main({args!r}, plugins=[Recorder({path!r})]))")
-        code = plugin.format(tests=str(ROOT / "tests"), args=pytest_args or DEFAULT_TESTS, path=path)
+        code = plugin.format(args=pytest_args or DEFAULT_TESTS, path=path)
         tested = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env)
         if not os.path.exists(path):
             print(f"compile_triton.py: the tests launched no Triton kernel (pytest exit {tested.returncode})")

@@ -104,12 +104,18 @@ def test_workers_outlive_a_stop_signal_to_the_group(backend, stop):
     assert process_group_gone(process.pid), f"worker {worker} outlived the run"
 
 
+@pytest.mark.parametrize("waiting", [False, True], ids=["reading", "waiting-for-work"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_killed_worker_is_named_with_how_it_ended(backend):
-    process = python_process(["-c", _reader(backend)])
+def test_a_killed_worker_is_named_with_how_it_ended(backend, waiting):
+    """Killed as soon as the first batch is in, or a second later, when it has filled the queue and sleeps
+    until asked for more: then DALI's task queue would wait for good for the dead sleeper to take the next
+    task (a multiprocessing Condition counts on the woken to answer). Either way the error names it."""
+    process = python_process(["-c", _reader(backend, hold=waiting)], stdin=subprocess.PIPE if waiting else None)
     worker = _worker(process)
+    if waiting:
+        time.sleep(1.0)
     os.kill(worker, signal.SIGKILL)
-    out, err = _finish(process, timeout=60)
+    out, err = _finish(process, timeout=60, input="go\n" if waiting else None)
     assert process.returncode != 0 and "read everything" not in out
     # the PyTorch DataLoader may report it first, from its SIGCHLD handler: "worker (pid N) is killed by
     # signal: Killed" (when it lands outside the pipeline's wait for a batch)
@@ -117,23 +123,6 @@ def test_a_killed_worker_is_named_with_how_it_ended(backend):
     if backend == "dali":
         assert f"InputWorkerError: the DALI pipeline's input worker pid {worker} was killed by SIGKILL" in err
         assert "--resume RUN" in err
-    assert process_group_gone(process.pid)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_worker_killed_while_it_waits_for_work_is_named(backend):
-    """Killed a second after the first batch, when it has filled the queue and sleeps until asked for more:
-    DALI's task queue would wait for good for the dead sleeper to take the next task (a multiprocessing
-    Condition counts on the woken to answer); the wait ends with the error naming it."""
-    process = python_process(["-c", _reader(backend, hold=True)], stdin=subprocess.PIPE)
-    worker = _worker(process)
-    time.sleep(1.0)
-    os.kill(worker, signal.SIGKILL)
-    out, err = _finish(process, timeout=60, input="go\n")
-    assert process.returncode != 0 and "read everything" not in out
-    assert f"pid {worker}" in err and ("was killed by SIGKILL" in err or "killed by signal: Killed" in err), err[-3000:]
-    if backend == "dali":
-        assert f"InputWorkerError: the DALI pipeline's input worker pid {worker} was killed by SIGKILL" in err
     assert process_group_gone(process.pid)
 
 
