@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--backend", default=None, help="data.backend: auto, dali or torch")
+    evaluate.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default=None,
+                          help="autocast for the evaluation (default: the run's train.amp, so that the numbers are "
+                               "the ones the run reported; none: float32)")
     evaluate.add_argument("--tta", action="store_true",
                           help="also report each split with horizontal-flip test-time augmentation (the mean of the "
                                "two passes' probabilities)")
@@ -150,6 +153,7 @@ def evaluate(args) -> int:
     from fer_train import checkpoint
     from fer_train.data import build_loader
     from fer_train.distributed import select_device
+    from fer_train.factories import amp_dtype
     from fer_train.reports import evaluate_and_report
     from fer_train.run_data import open_run_data
 
@@ -163,6 +167,10 @@ def evaluate(args) -> int:
             setattr(config.data, name, given.get(name))
     if args.backend:
         config.data.backend = args.backend
+    # the run's autocast by default (docs/method.md section 8): a checkpoint evaluated in float32 after bfloat16
+    # training differs from the run's own report by a few images
+    amp = args.amp or config.train.amp
+    dtype = amp_dtype(amp, device)
     data = open_run_data(config)
     if not data.test:
         raise ConfigError(f"nothing to evaluate: {path}'s run had no test split, and none was given (--ferplus DIR, "
@@ -179,11 +187,12 @@ def evaluate(args) -> int:
         return loaders[-1]
 
     _, table = evaluate_and_report(model, data.test, loader_for, out, f"{path}: test results", device=device,
-                                   channels_last=config.train.channels_last, temperature=loaded.temperature,
-                                   tta_rows=args.tta)
+                                   amp_dtype=dtype, channels_last=config.train.channels_last,
+                                   temperature=loaded.temperature, tta_rows=args.tta)
     for loader in loaders:
         loader.close()  # now: at the process's end DALI would wait for each worker in turn
-    print(f"{path}, step {loaded.step}:\n{table}")
+    precision = "float32" if dtype is None else f"{str(dtype).replace('torch.', '')} autocast"
+    print(f"{path}, step {loaded.step}, {precision} (amp={amp}):\n{table}")
     print(f"confusion matrices and summary: {out}")
     return 0
 

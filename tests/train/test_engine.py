@@ -19,6 +19,7 @@ from fer_train.cli import main
 from fer_train.config import PRESETS, ConfigError, build_config, parse_overrides
 from fer_train.data import build_loader, open_dataset
 from fer_train.engine import Trainer
+from fer_train.factories import amp_dtype
 from fer_train.recipe.schedule import lr_factor
 from helpers import TINY, read_confusion
 
@@ -125,15 +126,43 @@ def test_evaluation_files_agree_with_a_hand_computed_confusion_matrix(tmp_path, 
     model = checkpoint.load_model(run / "best.pt").model
     test = open_dataset("synthetic", None, "test", size=32, length=40)
     counts = torch.zeros(8, 8, dtype=torch.int64)
-    with torch.no_grad():
-        for images, labels in build_loader(test, 7, False, 32, "cpu", "torch", num_workers=0):
-            for truth, predicted in zip(labels.tolist(), model(images).argmax(1).tolist()):
+    dtype = amp_dtype("auto", torch.device("cpu"))  # the run's train.amp, which evaluate uses; one batch as there
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        for images, labels in build_loader(test, 40, False, 32, "cpu", "torch", num_workers=0):
+            logits = model(images.contiguous(memory_format=torch.channels_last))
+            for truth, predicted in zip(labels.tolist(), logits.argmax(1).tolist()):
                 counts[truth, predicted] += 1
     percent, images = read_confusion(out / "confusion-synthetic-test.csv")
     assert images.tolist() == counts.sum(1).tolist()
     torch.testing.assert_close(percent, 100 * counts.double() / counts.sum(1, keepdim=True), rtol=0, atol=1e-4)
     assert (out / "confusion-synthetic-test.png").read_bytes().startswith(b"\x89PNG")
     assert f"{100 * counts.trace().item() / 40:.2f}" in (out / "summary.md").read_text()
+
+
+def test_evaluate_uses_the_runs_autocast_unless_told(tmp_path, monkeypatch):
+    import fer_train.reports as reports
+
+    run = tmp_path / "run"
+    assert main(["--steps", "2", "--batch-size", "4", "--amp", "bf16", "--out", str(run), *TINY]) == 0
+    seen = []
+
+    def evaluate(*args, **options):
+        seen.append(options.get("amp_dtype"))
+        return real(*args, **options)
+
+    real = reports.evaluate
+    monkeypatch.setattr(reports, "evaluate", evaluate)
+    assert main(["evaluate", str(run), "--synthetic", "--out", str(tmp_path / "same"), "--backend", "torch"]) == 0
+    assert seen == [torch.bfloat16]
+    # the run's own report of best.pt, evaluated at its end under the same autocast, is what evaluate gives
+    def row(folder):
+        line = next(line for line in (folder / "summary.md").read_text().splitlines() if "| synthetic test " in line)
+        return [cell.strip() for cell in line.split("|")]
+
+    assert row(run) == row(tmp_path / "same")
+    assert main(["evaluate", str(run), "--synthetic", "--out", str(tmp_path / "fp32"), "--backend", "torch",
+                 "--amp", "none"]) == 0
+    assert seen == [torch.bfloat16, None]
 
 
 def test_predict_command(tmp_path, capsys):
