@@ -144,18 +144,17 @@ def test_evaluate_uses_the_runs_autocast_unless_told(tmp_path, monkeypatch):
 
     run = tmp_path / "run"
     assert main(["--steps", "2", "--batch-size", "4", "--amp", "bf16", "--out", str(run), *TINY]) == 0
-    seen = []
+    seen, real = [], reports.evaluate
 
-    def evaluate(*args, **options):
+    def evaluate(*args, **options):  # records the autocast each split is evaluated under
         seen.append(options.get("amp_dtype"))
         return real(*args, **options)
 
-    real = reports.evaluate
     monkeypatch.setattr(reports, "evaluate", evaluate)
     assert main(["evaluate", str(run), "--synthetic", "--out", str(tmp_path / "same"), "--backend", "torch"]) == 0
     assert seen == [torch.bfloat16]
-    # the run's own report of best.pt, evaluated at its end under the same autocast, is what evaluate gives
-    def row(folder):
+
+    def row(folder):  # the run's own report of best.pt (evaluated at its end) against evaluate's
         line = next(line for line in (folder / "summary.md").read_text().splitlines() if "| synthetic test " in line)
         return [cell.strip() for cell in line.split("|")]
 
