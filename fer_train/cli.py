@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR", help="where the CSV / PNG / summary go (default: beside the "
                                                        "checkpoint, in eval-<time>/)")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=None,
+                          help="images per batch (default: the run's train.eval_batch_size, as its own evaluations)")
     evaluate.add_argument("--backend", default=None, help="data.backend: auto, dali or torch")
     evaluate.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default=None,
                           help="autocast for the evaluation (default: the run's train.amp, so that the numbers are "
@@ -171,6 +172,10 @@ def evaluate(args) -> int:
     # training differs from the run's own report by a few images
     amp = args.amp or config.train.amp
     dtype = amp_dtype(amp, device)
+    # the run's own batch by default: under autocast another batch size may take other kernels, other roundings
+    batch_size = config.train.eval_batch_size if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     data = open_run_data(config)
     if not data.test:
         raise ConfigError(f"nothing to evaluate: {path}'s run had no test split, and none was given (--ferplus DIR, "
@@ -181,7 +186,7 @@ def evaluate(args) -> int:
     loaders = []
 
     def loader_for(name, dataset):
-        loaders.append(build_loader(dataset, args.batch_size, False, config.data.image_size, device,
+        loaders.append(build_loader(dataset, batch_size, False, config.data.image_size, device,
                                     config.data.backend, num_workers=config.data.workers,
                                     channels_last=config.train.channels_last, crop=config.data.crop))
         return loaders[-1]

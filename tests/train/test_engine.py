@@ -139,20 +139,20 @@ def test_evaluation_files_agree_with_a_hand_computed_confusion_matrix(tmp_path, 
     assert f"{100 * counts.trace().item() / 40:.2f}" in (out / "summary.md").read_text()
 
 
-def test_evaluate_uses_the_runs_autocast_unless_told(tmp_path, monkeypatch):
+def test_evaluate_uses_the_runs_autocast_and_batch_unless_told(tmp_path, monkeypatch):
     import fer_train.reports as reports
 
     run = tmp_path / "run"
     assert main(["--steps", "2", "--batch-size", "4", "--amp", "bf16", "--out", str(run), *TINY]) == 0
     seen, real = [], reports.evaluate
 
-    def evaluate(*args, **options):  # records the autocast each split is evaluated under
-        seen.append(options.get("amp_dtype"))
-        return real(*args, **options)
+    def evaluate(model, loader, *args, **options):  # records each split's autocast and batch size
+        seen.append((options.get("amp_dtype"), loader.pipeline.batch_size))
+        return real(model, loader, *args, **options)
 
     monkeypatch.setattr(reports, "evaluate", evaluate)
     assert main(["evaluate", str(run), "--synthetic", "--out", str(tmp_path / "same"), "--backend", "torch"]) == 0
-    assert seen == [torch.bfloat16]
+    assert seen == [(torch.bfloat16, 40)]  # TINY's train.eval_batch_size
 
     def row(folder):  # the run's own report of best.pt (evaluated at its end) against evaluate's
         line = next(line for line in (folder / "summary.md").read_text().splitlines() if "| synthetic test " in line)
@@ -160,8 +160,9 @@ def test_evaluate_uses_the_runs_autocast_unless_told(tmp_path, monkeypatch):
 
     assert row(run) == row(tmp_path / "same")
     assert main(["evaluate", str(run), "--synthetic", "--out", str(tmp_path / "fp32"), "--backend", "torch",
-                 "--amp", "none"]) == 0
-    assert seen == [torch.bfloat16, None]
+                 "--amp", "none", "--batch-size", "16"]) == 0
+    assert seen[1:] == [(None, 16)]
+    assert main(["evaluate", str(run), "--synthetic", "--batch-size", "0"]) == 2
 
 
 def test_predict_command(tmp_path, capsys):
