@@ -106,7 +106,7 @@ def test_a_budget_set_from_slow_first_steps_is_set_again_while_the_rate_is_flat(
     later log step while the learning rate is flat, so the run uses its budget."""
     _slow_first_steps(monkeypatch)
     run = tmp_path / "run"
-    assert main(["--steps", "100000", "--time-budget", "40s", "--out", str(run), *RUN, "--set", "train.log_every=1",
+    assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
                  "--set", "optim.schedule=constant",  # flat throughout: set again at every log step
                  "--set", "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000"]) == 0
     out = capsys.readouterr().out
@@ -137,7 +137,7 @@ def test_a_time_budget_sets_the_length_again_while_the_rate_falls(tmp_path, monk
     (here: faster than the first) steps all the same, the logged rate never rises, and it ends near 0."""
     _slow_first_steps(monkeypatch)
     run = tmp_path / "run"
-    assert main(["--steps", "100000", "--time-budget", "40s", "--out", str(run), *RUN, "--set", "train.log_every=1",
+    assert main(["--steps", "100000", "--time-budget", "30s", "--out", str(run), *RUN, "--set", "train.log_every=1",
                  "--set", "optim.schedule=cosine", "--set", "train.eval_every=1000000",
                  "--set", "train.checkpoint_every=1000000"]) == 0
     assert "(set again from the recent steps)" in capsys.readouterr().out
