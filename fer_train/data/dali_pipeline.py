@@ -88,7 +88,7 @@ class _BatchSource:
     def __init__(self, pipeline: DaliPipeline, first_epoch: int, first_position: int, gpu: bool):
         self.pipeline, self.gpu = pipeline, gpu
         self.first_epoch, self.first_position = first_epoch, first_position
-        self._epoch, self._batches = None, None
+        self._epoch, self._batches, self._repeats = None, None, None
         self._main = os.getpid()
         self._checked: dict[str, tuple[int, tuple[int, int], bool]] = {}  # path -> (checksum, size, plain)
 
@@ -108,6 +108,7 @@ class _BatchSource:
         pipeline = self.pipeline
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, pipeline.order.batches(epoch)
+            self._repeats = pipeline.order.batch_repeats(epoch)
         if position >= len(self._batches):
             raise StopIteration
         indices = self._batches[position]
@@ -122,7 +123,7 @@ class _BatchSource:
             files.append(loaded[0])
             targets.append(loaded[1])
             boxes.append(loaded[2])
-        params = pipeline.params(torch.tensor(boxes, dtype=torch.float64), indices, epoch)
+        params = pipeline.params(torch.tensor(boxes, dtype=torch.float64), indices, epoch, self._repeats[position])
         matrices = torch.cat([params.matrices, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(len(indices), 1, 3)], 1)
         if not self.gpu:  # DALI's warp puts pixel centres at i + 1/2, fer_kernels.augment at i
             matrices = (_HALF @ matrices.double() @ _HALF.inverse()).float()

@@ -1,8 +1,9 @@
 """What the DALI and PyTorch pipelines share: which samples a rank reads (EpochOrder), the position in the
 epoch that a checkpoint holds, how a sample's record and target are found, how each batch's augmentation
-parameters are drawn (from (seed, epoch, sample index) alone: every pipeline, worker count and resumed run
-gives a sample the same draws), what happens to an image that cannot be read, and how input worker
-processes treat stop signals and are reported when they die or stall.
+parameters are drawn (from (seed, epoch, sample index) alone, with a repeated draw's number under
+class-balanced sampling: every pipeline, worker count and resumed run gives a sample the same draws), what
+happens to an image that cannot be read, and how input worker processes treat stop signals and are reported
+when they die or stall.
 
 An image that passed the opening checks can still fail when it is read (deleted, truncated or overwritten
 mid-run). The reading process (a worker, or the main process without workers) does not raise: it returns
@@ -98,9 +99,10 @@ class Pipeline:
             return torch.tensor(record.soft, dtype=torch.float32)
         return torch.tensor(record.label, dtype=torch.int64)
 
-    def params(self, boxes: torch.Tensor, indices, epoch: int) -> AugmentParams:
-        """The augmentation parameters of samples `indices` of `epoch` whose faces lie in `boxes`."""
-        keys = sample_keys(self.seed, epoch, indices) if self.train else None
+    def params(self, boxes: torch.Tensor, indices, epoch: int, repeats=None) -> AugmentParams:
+        """The augmentation parameters of samples `indices` of `epoch` whose faces lie in `boxes`; repeats: how
+        often each was drawn before in the epoch (EpochOrder.batch_repeats; None: never)."""
+        keys = sample_keys(self.seed, epoch, indices, repeats) if self.train else None
         return sample_params(boxes, self.train, keys, self.config)
 
     # --- images that cannot be read -----------------------------------------------------------------

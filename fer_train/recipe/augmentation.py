@@ -62,12 +62,20 @@ class AugmentParams:
     config: AugmentConfig
 
 
-def sample_keys(seed: int, epoch: int, indices: torch.Tensor | list) -> torch.Tensor:
-    """One 64-bit key per sample from (seed, epoch, sample index): the draws of a sample depend on these
-    alone, so every pipeline, worker count and resumed run gives a sample the same augmentation."""
+def sample_keys(seed: int, epoch: int, indices: torch.Tensor | list,
+                repeats: torch.Tensor | list | None = None) -> torch.Tensor:
+    """One 64-bit key per sample from (seed, epoch, sample index, and with class-balanced sampling the
+    number of earlier draws of that sample in the epoch, EpochOrder.repeats): the draws of a sample depend on
+    these alone, so every pipeline, worker count and resumed run gives a sample the same augmentation, and a
+    sample drawn again in an epoch gets new draws. A first draw's key (repeat 0) is the one without
+    repeats."""
     indices = torch.as_tensor(indices, dtype=torch.int64)
-    return _mix(_mix(torch.full_like(indices, seed) ^ _mix(torch.full_like(indices, epoch) + 0x632BE59BD9B4E019))
+    keys = _mix(_mix(torch.full_like(indices, seed) ^ _mix(torch.full_like(indices, epoch) + 0x632BE59BD9B4E019))
                 ^ indices)
+    if repeats is None:
+        return keys
+    repeats = torch.as_tensor(repeats, dtype=torch.int64)
+    return torch.where(repeats == 0, keys, _mix(keys ^ _mix(repeats)))
 
 
 def _mix(z: torch.Tensor) -> torch.Tensor:

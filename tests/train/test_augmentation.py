@@ -98,6 +98,18 @@ def test_draws_depend_on_seed_epoch_and_index_only():
         sample_params(boxes, True)
 
 
+def test_a_repeated_draw_of_a_sample_gets_its_own_keys():
+    """Class-balanced sampling draws a sample again within an epoch: each repeat has its own key (so its own
+    crop, flip and colour), and a first draw (repeat 0) keeps the key it has without repeats."""
+    first = sample_keys(5, 2, [7, 8])
+    assert torch.equal(sample_keys(5, 2, [7, 8], [0, 0]), first)
+    again = sample_keys(5, 2, [7, 7, 7, 8], [0, 1, 2, 1])
+    assert again[0] == first[0] and len(set(again[:3].tolist())) == 3 and again[3] != first[1]
+    params = sample_params(full_boxes([[48, 48]] * 3), True, again[:3])
+    assert not torch.equal(params.matrices[0], params.matrices[1]) and not torch.equal(params.colour[1],
+                                                                                          params.colour[2])
+
+
 def test_errors():
     with pytest.raises(ValueError, match="empty boxes"):
         sample_params([[5, 5, 5, 9]], False)

@@ -53,11 +53,11 @@ def _loader(dataset, train, backend="torch", **kw):
     return build_loader(dataset, kw.pop("batch_size", 4), train, device="cpu", backend=backend, **kw)
 
 
-def _expected(dataset, indices, train, seed=0, epoch=0):
+def _expected(dataset, indices, train, seed=0, epoch=0, repeats=None):
     """The specification applied to the samples' decoded files."""
     images = [decode(dataset.encoded(i), None) for i in indices]
     boxes = full_boxes([im.shape[1:] for im in images])
-    params = sample_params(boxes, train, sample_keys(seed, epoch, indices) if train else None, CONFIG)
+    params = sample_params(boxes, train, sample_keys(seed, epoch, indices, repeats) if train else None, CONFIG)
     return torch.stack([reference.augment(im, params.matrices[k], params.colour[k], CONFIG.out_size)
                         for k, im in enumerate(images)]).float()
 
@@ -159,6 +159,40 @@ def test_class_balanced_ranks_deal_one_draw():
             EpochOrder(103, 5, True, weights=bad)
 
 
+def test_class_balanced_repeats_number_each_samples_draws_in_the_epoch():
+    """repeats(): how often each draw's sample was drawn before in the epoch, over every rank's batches in
+    their order (rank r's batch q is the epoch's batch q * world + r), aligned with indices()."""
+    weights = sample_weights(torch.arange(103) % 4 + 4 * (torch.arange(103) >= 100), 1.0)  # 3 images of class 4
+    one = EpochOrder(103, 5, True, seed=1, weights=weights)
+    draws, seen, counted = one.indices(0), {}, []
+    for sample in draws.tolist():
+        counted.append(seen.get(sample, 0))
+        seen[sample] = seen.get(sample, 0) + 1
+    assert one.repeats(0).tolist() == counted and max(counted) >= 3  # the 3 class-4 images repeat
+    batches = one.batch_repeats(0)
+    for r in range(3):
+        rank = EpochOrder(103, 5, True, seed=1, rank=r, world=3, weights=weights)
+        assert all(torch.equal(b, batches[q * 3 + r]) for q, b in enumerate(rank.batch_repeats(0)))
+        assert torch.equal(rank.repeats(0), torch.cat(rank.batch_repeats(0)))
+    assert EpochOrder(103, 5, True, seed=1).repeats(0) is None  # the permutation: nothing repeats
+    assert EpochOrder(103, 5, False, weights=weights).batch_repeats(0) == [None] * 21
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_sample_drawn_again_in_an_epoch_is_augmented_anew(tmp_path, workers):
+    """Class-balanced sampling repeats a rare class's images within an epoch; each draw is its own crop, flip
+    and colour (as the specification with that draw's repeat number), never a copy of the earlier one."""
+    dataset = _rgb_set(tmp_path, n=10, encode=jpeg)  # classes k % 5: 2 images each
+    loader = _loader(dataset, True, seed=4, class_balance=1.0, num_workers=workers)
+    order = loader.pipeline.order
+    images = torch.cat([x for x, _ in loader])
+    indices, repeats = order.indices(0), order.repeats(0)
+    torch.testing.assert_close(images, _expected(dataset, indices.tolist(), True, seed=4, repeats=repeats),
+                               rtol=0, atol=1e-4)
+    pairs = [(a, b) for a in range(len(indices)) for b in range(a) if indices[a] == indices[b]]
+    assert pairs and all(not torch.allclose(images[a], images[b], atol=0.1) for a, b in pairs)
+
+
 def test_class_balanced_loader_is_reproducible_and_resumable(tmp_path):
     dataset = _ferplus(tmp_path, n=24)  # labels k % 8
     epoch = [t for _, t in _loader(dataset, True, seed=3, class_balance=1.0)]
@@ -247,16 +281,18 @@ def test_linear_colour_is_the_identity_for_neutral_factors():
 
 
 @needs_dali
-@pytest.mark.parametrize("train,config", [(False, CONFIG), (True, CONFIG),
-                                          (True, AugmentConfig(out_size=40, resize=46, zoom=0.2, translate=0.15))],
-                         ids=["eval", "train", "train-random-crops"])
-def test_dali_cpu_graph_agrees_with_the_pytorch_pipeline(tmp_path, train, config):
-    """The same samples and geometry (random crops included); colour within the linear approximation's error
-    (module docstring). Colour goes before the warp in DALI and after it in the specification: the same for a
-    linear map, but not where it clamps next to a sharp edge, so train uses smooth images (eval does no colour)."""
+@pytest.mark.parametrize("train,config,balance", [
+    (False, CONFIG, 0.0), (True, CONFIG, 0.0), (True, AugmentConfig(out_size=40, resize=46, zoom=0.2, translate=0.15),
+                                                  0.0), (True, CONFIG, 1.0)],
+    ids=["eval", "train", "train-random-crops", "train-class-balance"])
+def test_dali_cpu_graph_agrees_with_the_pytorch_pipeline(tmp_path, train, config, balance):
+    """The same samples and geometry (random crops and repeated draws included); colour within the linear
+    approximation's error (module docstring). Colour goes before the warp in DALI and after it in the
+    specification: the same for a linear map, but not where it clamps next to a sharp edge, so train uses smooth
+    images (eval does no colour)."""
     dataset = _rgb_set(tmp_path, n=8, draw=_smooth if train else pattern)
-    dali = [x for x, _ in _loader(dataset, train, backend="dali", config=config)]
-    torch_batches = [x for x, _ in _loader(dataset, train, config=config)]
+    dali = [x for x, _ in _loader(dataset, train, backend="dali", config=config, class_balance=balance)]
+    torch_batches = [x for x, _ in _loader(dataset, train, config=config, class_balance=balance)]
     assert len(dali) == len(torch_batches) == 2
     for a, b in zip(dali, torch_batches):
         diff = (a - b).abs()
