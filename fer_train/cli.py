@@ -1,5 +1,5 @@
-"""`python -m fer_train [train | evaluate | predict | export | presets | selfcheck] ...`; no subcommand: train the
-default preset (ResNet-18 + Mish + ABP on the built-in synthetic faces) and report its test results."""
+"""`python -m fer_train [train | evaluate | predict | export | curves | presets | selfcheck] ...`; no subcommand:
+train the default preset (ResNet-18 + Mish + ABP on the built-in synthetic faces) and report its test results."""
 
 from __future__ import annotations
 
@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
                                              "against PyTorch in onnxruntime.")
     export.add_argument("checkpoint", help="a .pt file or a run folder (its best.pt, else last.pt)")
     export.add_argument("--output", "-o", required=True, metavar="FILE.onnx")
+
+    curves = commands.add_parser("curves", help="draw runs' training curves (also of a run still training)",
+                                 description="Draw the loss, evaluation accuracy and macro-F1, learning rate and "
+                                             "images/s over the steps of one run, or of several side by side, from "
+                                             "their metrics.jsonl. Every run draws its own at the end "
+                                             "(training-curves.png); this also draws one still training.")
+    curves.add_argument("runs", nargs="+", metavar="RUN", help="a run folder or its metrics.jsonl")
+    curves.add_argument("--output", "-o", metavar="FILE.png",
+                        help="where the PNG goes (default for one run: training-curves.png in its folder; "
+                             "needed for several)")
 
     commands.add_parser("presets", help="list the presets (the paper's runs)")
     commands.add_parser("selfcheck", help="check this installation: kernels against the reference, a short training")
@@ -280,6 +290,27 @@ def export(args) -> int:
     return 0
 
 
+def curves(args) -> int:
+    from fer_train.reports import read_metrics, write_training_curves
+
+    runs, folders = {}, []
+    for given in args.runs:
+        path = Path(given)
+        metrics = path / "metrics.jsonl" if path.is_dir() else path
+        if not metrics.is_file():
+            raise ConfigError(f"curves: {given}: no metrics.jsonl there (give a run folder or its metrics.jsonl)")
+        label = metrics.parent.name if metrics.parent.name not in runs else given  # two folders of one name
+        runs[label] = read_metrics(metrics)
+        folders.append(metrics.parent)
+    if args.output is None and len(runs) > 1:
+        raise ConfigError("curves: several runs need --output FILE.png")
+    output = Path(args.output) if args.output else folders[0] / "training-curves.png"
+    if output.suffix.lower() != ".png" or output.is_dir():
+        raise ConfigError(f"curves: --output {output}: give a file name ending in .png")
+    print(write_training_curves(runs, output))
+    return 0
+
+
 def presets() -> int:
     width = max(map(len, PRESETS))
     for name, (description, _) in PRESETS.items():
@@ -308,6 +339,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             return predict(args)
         if args.command == "export":
             return export(args)
+        if args.command == "curves":
+            return curves(args)
         return presets()
     except (ConfigError, DataError) as err:
         # bad settings, paths and data: one line naming what is wrong; anything else is a bug and keeps its

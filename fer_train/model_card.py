@@ -1,8 +1,8 @@
 """model-card.md: what a person deciding whether to use a trained model needs on one page, written beside
 its checkpoints at the end of every run: the architecture and its size, the training data (sets, splits,
 label mode, what was left out and why, class counts), the recipe and the command, the time and hardware it
-took, the evaluation of every split (accuracy, macro-F1, recall per class, calibration), known limits and
-the versions."""
+took, the evaluation of every split (accuracy, macro-F1, recall per class, calibration), the training curves
+(training-curves.png beside it, drawn from metrics.jsonl), known limits and the versions."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fer_train.checkpoint import input_transform
-from fer_train.reports import summary_table
+from fer_train.reports import read_metrics, summary_table, write_training_curves
 from fer_train.runlog import random_crops, weight_decay
 
 __all__ = ["write_model_card"]
@@ -50,8 +50,20 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+def _curves(run_dir: Path) -> list[str]:
+    """The card's lines for training-curves.png, which this draws from the run's metrics.jsonl."""
+    metrics = run_dir / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
+    if not records:
+        return ["No progress or evaluation was recorded (metrics.jsonl is empty or missing)."]
+    write_training_curves({run_dir.name: records}, run_dir / "training-curves.png")
+    return ["Loss, evaluation accuracy and macro-F1, learning rate and speed over the steps, from metrics.jsonl "
+            "(`python -m fer_train curves` draws runs side by side):", "",
+            "![training curves](training-curves.png)"]
+
+
 def write_model_card(trainer, results: list, temperature: float) -> Path:
-    """Writes model-card.md into the trainer's run folder and returns its path."""
+    """Writes model-card.md into the trainer's run folder (with training-curves.png) and returns its path."""
     import fer_kernels
 
     c, data, model = trainer.config, trainer.data, trainer.eval_model
@@ -107,6 +119,9 @@ def write_model_card(trainer, results: list, temperature: float) -> Path:
         "expected calibration error of the top-class probability (15 bins), raw and at the temperature.",
         "",
         summary_table(results) if results else "No test split was given.",
+        "",
+        "## Training curves",
+        *_curves(trainer.run_dir),
         "",
         "## Known limits",
         "- Trained and evaluated on the face crops of the sets above"

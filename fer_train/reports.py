@@ -1,10 +1,12 @@
-"""The files a run leaves for people to read: each split's confusion matrix as CSV and heat map, and a
-Markdown summary table of every split (accuracy, macro-F1, loss, calibration, recall per class);
-evaluate_and_report evaluates every split and writes them (the engine and the evaluate command call it)."""
+"""The files a run leaves for people to read: each split's confusion matrix as CSV and heat map, a
+Markdown summary table of every split (accuracy, macro-F1, loss, calibration, recall per class), and the
+training curves drawn from metrics.jsonl; evaluate_and_report evaluates every split and writes the first
+two (the engine and the evaluate command call it), write_training_curves draws one run or several."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 from pathlib import Path
@@ -14,9 +16,11 @@ from typing import Callable
 import torch
 
 from fer_train.data.base import CLASSES
+from fer_train.errors import DataError
 from fer_train.evaluation import EvalResult, evaluate
 
-__all__ = ["evaluate_and_report", "slug", "summary_table", "write_confusion", "write_reports"]
+__all__ = ["evaluate_and_report", "read_metrics", "slug", "summary_table", "training_curves", "write_confusion",
+           "write_reports", "write_training_curves"]
 
 
 def slug(name: str) -> str:
@@ -50,13 +54,17 @@ def write_confusion(result: EvalResult, directory) -> tuple[Path, Path]:
     return csv_path, png_path
 
 
-def _plot_confusion(result: EvalResult, path: Path) -> None:
+def _figure_class(what: str):
     try:
         # Figure with no pyplot: renders through Agg, touches no global backend or GUI state
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("write_confusion: the heat map needs matplotlib; pip install matplotlib "
-                          "(it is in requirements.txt)") from err
+        raise ImportError(f"{what} needs matplotlib; pip install matplotlib (it is in requirements.txt)") from err
+    return Figure
+
+
+def _plot_confusion(result: EvalResult, path: Path) -> None:
+    Figure = _figure_class("write_confusion: the heat map")
     import matplotlib
 
     percent = result.normalised().numpy()
@@ -137,3 +145,111 @@ def evaluate_and_report(model: torch.nn.Module, splits: dict, loader_for: Callab
         results += [evaluate(model, loader_for(name, dataset), name + TTA_SUFFIX, **{**options, "tta": True})
                     for name, dataset in splits.items()]
     return results, write_reports(results, directory, title, write)
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a run's metrics.jsonl (fer_train.runlog writes them): progress reports (step, loss, lr,
+    images_per_s) and evaluations (step, eval, accuracy, macro_f1, loss, ...). A last line cut short (a run
+    killed while writing it) is left out; any other line that is not a JSON object raises DataError naming
+    the file and line."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}, line {number}: not a JSON record ({err.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise DataError(f"{path}, line {number}: not a metrics record (a JSON object with a step)")
+        records.append(record)
+    return records
+
+
+def _values(records: list[dict], key: str, scale: float = 1.0) -> list[float]:
+    """record[key] * scale for each record; NaN where it is missing or not finite (a gap in the line)."""
+    out = []
+    for record in records:
+        value = record.get(key)
+        out.append(value * scale if isinstance(value, (int, float)) and math.isfinite(value) else math.nan)
+    return out
+
+
+def training_curves(runs: dict[str, list[dict]]):
+    """A matplotlib Figure of runs' metrics records ({label: read_metrics(...)}), four panels over the step:
+    training loss per log window with each evaluation's loss, evaluation accuracy and macro-F1 with the best
+    accuracy starred, the learning rate, and training images/s. One run: its evaluation splits in their own
+    colours; several: one colour per run, the splits told apart by marker."""
+    Figure = _figure_class("training_curves")
+    fig = Figure(figsize=(12, 7.5), dpi=100)
+    (loss_ax, score_ax), (lr_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
+    single = len(runs) == 1
+    evaluated = trained = False
+    last_step = max((x["step"] for records in runs.values() for x in records), default=0)
+    later_scores, early_scores = [], []  # of evaluations after / in the first 5 % of the steps
+    for r, (label, records) in enumerate(runs.items()):
+        prefix = "" if single else f"{label}: "
+        progress = [x for x in records if "eval" not in x and "lr" in x]
+        trained |= bool(progress)
+        steps = [x["step"] for x in progress]
+        loss_ax.plot(steps, _values(progress, "loss"), color=f"C{r}", lw=1, label=f"{prefix}training")
+        lr_ax.plot(steps, _values(progress, "lr"), color=f"C{r}", label=label)
+        speed_ax.plot(steps, _values(progress, "images_per_s"), color=f"C{r}", lw=1, label=label)
+        splits = dict.fromkeys(x["eval"] for x in records if "eval" in x)
+        for k, split in enumerate(splits):
+            rows = [x for x in records if x.get("eval") == split]
+            evaluated = True
+            colour, marker = (f"C{k + 1}" if single else f"C{r}"), "osD^v<>"[k % 7]
+            steps = [x["step"] for x in rows]
+            accuracy, macro_f1 = _values(rows, "accuracy", 100.0), _values(rows, "macro_f1", 100.0)
+            score_ax.plot(steps, accuracy, color=colour, marker=marker, ms=4, label=f"{prefix}{split} accuracy")
+            score_ax.plot(steps, macro_f1, color=colour, marker=marker, ms=4, ls=":", mfc="none",
+                          label=f"{prefix}{split} macro-F1")
+            for step, a, f in zip(steps, accuracy, macro_f1):
+                (early_scores if step < 0.05 * last_step else later_scores).extend(
+                    v for v in (a, f) if not math.isnan(v))
+            loss_ax.plot(steps, _values(rows, "loss"), color=colour, marker=marker, ms=4, ls="--",
+                         label=f"{prefix}{split}")
+            scored = [(a, s) for a, s in zip(accuracy, steps) if not math.isnan(a)]
+            if scored:
+                best, at = max(scored, key=lambda pair: pair[0])  # the first of equal bests, as the engine keeps
+                score_ax.plot([at], [best], color=colour, marker="*", ms=14, ls="none")
+                score_ax.annotate(f"{best:.2f} % at step {at:,}", (at, best), textcoords="offset points",
+                                  xytext=(-8, -6), ha="right", va="top", fontsize=8, color=colour)
+    for ax, title in ((loss_ax, "loss: training (per log window), evaluation (dashed)"),
+                      (score_ax, "evaluation: accuracy % (solid), macro-F1 % (dotted)"),
+                      (lr_ax, "learning rate"), (speed_ax, "training images/s (per log window)")):
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in (lr_ax, speed_ax):
+        ax.set_xlabel("step")
+    if not trained:
+        for ax in (loss_ax, lr_ax, speed_ax):
+            ax.text(0.5, 0.5, "no progress records", transform=ax.transAxes, ha="center", color="grey")
+    if later_scores and early_scores and min(early_scores) < min(later_scores) - 10:
+        # the first evaluations (an untrained model's) would squeeze the points that tell runs apart
+        score_ax.set_ylim(min(later_scores) - 3, max(later_scores) + 2)
+        score_ax.text(0.02, 0.02, "evaluations in the first 5 % of the steps: below the axis",
+                      transform=score_ax.transAxes, fontsize=8, color="grey")
+    if evaluated:
+        score_ax.legend(fontsize=8, loc="lower right")
+    else:
+        score_ax.text(0.5, 0.5, "no evaluation during training", transform=score_ax.transAxes, ha="center",
+                      color="grey")
+    if not single:
+        lr_ax.legend(fontsize=8)
+    fig.suptitle(next(iter(runs)) if single else f"{len(runs)} runs")
+    fig.tight_layout()
+    return fig
+
+
+def write_training_curves(runs: dict[str, list[dict]], path) -> Path:
+    """training_curves(runs) as a PNG at `path` (its folder created if needed); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    training_curves(runs).savefig(path, format="png")
+    return path

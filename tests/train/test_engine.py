@@ -45,8 +45,9 @@ def test_default_command_on_a_tiny_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 4/4" in out and "test results of best.pt" in out and f"run files: {run}" in out
     for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.md", "confusion-synthetic-test.csv",
-                 "confusion-synthetic-test.png"):
+                 "confusion-synthetic-test.png", "model-card.md", "training-curves.png"):
         assert (run / name).is_file(), name
+    assert "![training curves](training-curves.png)" in (run / "model-card.md").read_text()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r and "eval" not in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if r.get("eval") == "synthetic val"] == [2, 4]

@@ -1,5 +1,6 @@
 """fer_train.evaluation: confusion counts, accuracy and loss against hand-computed values, the same global
-result under 2 gloo ranks, the CSV / PNG / Markdown outputs (prediction on files: test_inference.py)."""
+result under 2 gloo ranks, the CSV / PNG / Markdown outputs and the training curves (prediction on files:
+test_inference.py)."""
 
 import csv
 import json
@@ -16,7 +17,9 @@ from torchvision.io import decode_png
 
 from fer_train.data import CLASSES, build_loader, open_dataset
 from fer_train.evaluation import EvalResult, confusion_matrix, evaluate
-from fer_train.reports import summary_table, write_confusion
+from fer_train.cli import main
+from fer_train.errors import DataError
+from fer_train.reports import read_metrics, summary_table, training_curves, write_confusion
 from helpers import read_confusion
 
 BIAS = torch.tensor([0.0, 0.5, -1.0, 2.0, 0.25, -0.5, 1.0, 0.0])  # argmax: class 3
@@ -265,3 +268,80 @@ def test_tta_is_the_mean_of_the_two_passes_and_absent_classes_are_never_predicte
         biased.bias[7] = 10.0  # contempt would win everywhere
     result = evaluate(biased, loader(), "rafdb-like", present_classes=seven)
     assert result.confusion[:, 7].sum() == 0 and result.confusion[:, 3].sum() == 12
+
+
+def _records(loss_scale=1.0):
+    progress = [{"step": s, "loss": loss_scale * 2.0 / s, "lr": 1e-3 * (1 - s / 400), "images_per_s": 90.0 + s}
+                for s in (100, 200, 300)]
+    evaluations = [{"step": s, "eval": split, "accuracy": a, "macro_f1": a - 0.2, "loss": 1 - a}
+                   for split, rows in (("ferplus valid", ((10, 0.3), (200, 0.82), (300, 0.81))),
+                                       ("mixed val", ((200, 0.7), (300, float("nan")))))
+                   for s, a in rows]
+    return progress + evaluations
+
+
+def _line(ax, label):
+    return next(line for line in ax.lines if line.get_label() == label)
+
+
+def test_training_curves_plot_the_records():
+    """One run: the training loss, each split's accuracy and macro-F1 (percent) and loss, the rate and the
+    speed, each against its steps; the best accuracy starred; a non-finite value is a gap; the untrained
+    first evaluation (in the first 5 % of the steps) falls below a range that shows the rest."""
+    records = _records()
+    fig = training_curves({"run": records})
+    loss_ax, score_ax, lr_ax, speed_ax = fig.axes
+    training = _line(loss_ax, "training")
+    assert list(training.get_xdata()) == [100, 200, 300] and list(training.get_ydata()) == [0.02, 0.01, 2.0 / 300]
+    valid = _line(score_ax, "ferplus valid accuracy")
+    assert list(valid.get_xdata()) == [10, 200, 300]
+    assert list(valid.get_ydata()) == pytest.approx([30.0, 82.0, 81.0])
+    assert list(_line(score_ax, "ferplus valid macro-F1").get_ydata()) == pytest.approx([10.0, 62.0, 61.0])
+    mixed_loss, mixed_accuracy = _line(loss_ax, "mixed val").get_ydata(), _line(score_ax, "mixed val accuracy")
+    assert mixed_loss[0] == pytest.approx(0.3) and math.isnan(mixed_loss[1])
+    assert math.isnan(mixed_accuracy.get_ydata()[1])
+    stars = [(line.get_xdata()[0], line.get_ydata()[0]) for line in score_ax.lines if line.get_marker() == "*"]
+    assert stars == [(200, pytest.approx(82.0)), (200, pytest.approx(70.0))]
+    assert list(lr_ax.lines[0].get_ydata()) == pytest.approx([7.5e-4, 5e-4, 2.5e-4])
+    assert list(speed_ax.lines[0].get_ydata()) == [190.0, 290.0, 390.0]
+    low, high = score_ax.get_ylim()
+    assert 30.0 < low < 50.0 and high > 82.0  # the later scores: 50 (mixed val's F1) to 82
+
+
+def test_training_curves_of_several_runs_and_of_a_run_without_records():
+    fig = training_curves({"a": _records(), "b": _records(loss_scale=2.0)})
+    loss_ax, score_ax = fig.axes[:2]
+    assert list(_line(loss_ax, "b: training").get_ydata()) == [0.04, 0.02, 4.0 / 300]
+    assert _line(score_ax, "a: ferplus valid accuracy").get_color() != _line(score_ax, "b: ferplus valid accuracy")\
+        .get_color()
+    empty = training_curves({"nothing": []})
+    assert any(text.get_text() == "no evaluation during training" for text in empty.axes[1].texts)
+
+
+def test_read_metrics_names_a_broken_line_and_skips_a_cut_last_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "lo')  # killed while writing
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0, "lr": 0.1}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(DataError, match="metrics.jsonl, line 2: not a JSON record"):
+        read_metrics(path)
+    path.write_text('{"loss": 1}\n')
+    with pytest.raises(DataError, match="line 1: not a metrics record"):
+        read_metrics(path)
+
+
+def test_curves_command_draws_one_run_into_its_folder_and_several_where_told(tmp_path, capsys):
+    for name, scale in (("one", 1.0), ("two", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(scale)))
+    assert main(["curves", str(tmp_path / "one")]) == 0
+    assert decode_png(torch.frombuffer(bytearray((tmp_path / "one" / "training-curves.png").read_bytes()),
+                                       dtype=torch.uint8)).shape[0] in (3, 4)
+    assert main(["curves", str(tmp_path / "one"), str(tmp_path / "two" / "metrics.jsonl"), "-o",
+                 str(tmp_path / "both.png")]) == 0 and (tmp_path / "both.png").is_file()
+    assert main(["curves", str(tmp_path / "one"), str(tmp_path / "two")]) == 2
+    assert "several runs need --output" in capsys.readouterr().err
+    assert main(["curves", str(tmp_path / "three")]) == 2
+    assert f"{tmp_path / 'three'}: no metrics.jsonl there" in capsys.readouterr().err
+    assert main(["curves", str(tmp_path / "one"), "-o", str(tmp_path / "one.txt")]) == 2
+    assert "give a file name ending in .png" in capsys.readouterr().err
