@@ -182,7 +182,8 @@ def _values(records: list[dict], key: str, scale: float = 1.0) -> list[float]:
 def training_curves(runs: dict[str, list[dict]]):
     """A matplotlib Figure of runs' metrics records ({label: read_metrics(...)}), four panels over the step:
     training loss per log window with each evaluation's loss, evaluation accuracy and macro-F1 with the best
-    accuracy starred, the learning rate, and training images/s. One run: its evaluation splits in their own
+    accuracy starred (and given in the legend; the first of equal bests, as the engine keeps), the learning
+    rate, and training images/s. One run: its evaluation splits in their own
     colours; several: one colour per run, the splits told apart by marker."""
     Figure = _figure_class("training_curves")
     fig = Figure(figsize=(12, 7.5), dpi=100)
@@ -206,7 +207,10 @@ def training_curves(runs: dict[str, list[dict]]):
             colour, marker = (f"C{k + 1}" if single else f"C{r}"), "osD^v<>"[k % 7]
             steps = [x["step"] for x in rows]
             accuracy, macro_f1 = _values(rows, "accuracy", 100.0), _values(rows, "macro_f1", 100.0)
-            score_ax.plot(steps, accuracy, color=colour, marker=marker, ms=4, label=f"{prefix}{split} accuracy")
+            scored = [(a, s) for a, s in zip(accuracy, steps) if not math.isnan(a)]
+            best, at = max(scored, key=lambda pair: pair[0]) if scored else (math.nan, None)
+            score_ax.plot(steps, accuracy, color=colour, marker=marker, ms=4, label=f"{prefix}{split} accuracy"
+                          + (f" (best {best:.2f} % at step {at:,})" if scored else ""))
             score_ax.plot(steps, macro_f1, color=colour, marker=marker, ms=4, ls=":", mfc="none",
                           label=f"{prefix}{split} macro-F1")
             for step, a, f in zip(steps, accuracy, macro_f1):
@@ -214,12 +218,8 @@ def training_curves(runs: dict[str, list[dict]]):
                     v for v in (a, f) if not math.isnan(v))
             loss_ax.plot(steps, _values(rows, "loss"), color=colour, marker=marker, ms=4, ls="--",
                          label=f"{prefix}{split}")
-            scored = [(a, s) for a, s in zip(accuracy, steps) if not math.isnan(a)]
             if scored:
-                best, at = max(scored, key=lambda pair: pair[0])  # the first of equal bests, as the engine keeps
                 score_ax.plot([at], [best], color=colour, marker="*", ms=14, ls="none")
-                score_ax.annotate(f"{best:.2f} % at step {at:,}", (at, best), textcoords="offset points",
-                                  xytext=(-8, -6), ha="right", va="top", fontsize=8, color=colour)
     for ax, title in ((loss_ax, "loss: training (per log window), evaluation (dashed)"),
                       (score_ax, "evaluation: accuracy % (solid), macro-F1 % (dotted)"),
                       (lr_ax, "learning rate"), (speed_ax, "training images/s (per log window)")):
@@ -235,8 +235,12 @@ def training_curves(runs: dict[str, list[dict]]):
         score_ax.set_ylim(min(later_scores) - 3, max(later_scores) + 2)
         score_ax.text(0.02, 0.02, "evaluations in the first 5 % of the steps: below the axis",
                       transform=score_ax.transAxes, fontsize=8, color="grey")
-    if evaluated:
-        score_ax.legend(fontsize=8, loc="lower right")
+    if evaluated:  # room below the lines for the legend
+        entries = len(score_ax.get_legend_handles_labels()[1])
+        columns = 1 if entries <= 4 else 2
+        low, high = score_ax.get_ylim()
+        score_ax.set_ylim(low - 0.09 * math.ceil(entries / columns) * (high - low), high)
+        score_ax.legend(fontsize=8, loc="lower right", ncol=columns)
     else:
         score_ax.text(0.5, 0.5, "no evaluation during training", transform=score_ax.transAxes, ha="center",
                       color="grey")
