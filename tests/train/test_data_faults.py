@@ -115,7 +115,7 @@ def test_a_file_the_gpu_decoder_refuses_is_found_on_the_cpu(tmp_path, on_error):
     _break(images, corrupt=1)
     pipeline = _loader(dataset, "torch").pipeline
     fetch = _Fetch(pipeline, gpu_jpeg=True)
-    items, targets, failures = fetch(torch.arange(4))
+    items, targets, failures = fetch((torch.arange(4), None))  # (samples, earlier draws of each: none)
     assert all(item.encoded for item in items) and not failures  # its header passes: left to the batch decoder
     if on_error == "raise":
         with pytest.raises(DataError, match=r"face1\.jpg: cannot decode the image"):
