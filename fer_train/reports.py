@@ -183,8 +183,8 @@ def training_curves(runs: dict[str, list[dict]]):
     """A matplotlib Figure of runs' metrics records ({label: read_metrics(...)}), four panels over the step:
     training loss per log window with each evaluation's loss, evaluation accuracy and macro-F1 with the best
     accuracy starred (and given in the legend; the first of equal bests, as the engine keeps), the learning
-    rate, and training images/s. One run: its evaluation splits in their own
-    colours; several: one colour per run, the splits told apart by marker."""
+    rate, and training images/s. One run: its evaluation splits in their own colours; several: one colour per
+    run, the splits told apart by marker."""
     Figure = _figure_class("training_curves")
     fig = Figure(figsize=(12, 7.5), dpi=100)
     (loss_ax, score_ax), (lr_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
