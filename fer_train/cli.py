@@ -291,7 +291,8 @@ def export(args) -> int:
 
 
 def curves(args) -> int:
-    from fer_train.reports import read_metrics, write_training_curves
+    from fer_train.reports import write_training_curves
+    from fer_train.runlog import read_metrics
 
     runs, folders = {}, []
     for given in args.runs:

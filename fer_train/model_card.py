@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from fer_train.checkpoint import input_transform
-from fer_train.reports import read_metrics, summary_table, write_training_curves
-from fer_train.runlog import random_crops, weight_decay
+from fer_train.reports import summary_table, write_training_curves
+from fer_train.runlog import random_crops, read_metrics, weight_decay
 
 __all__ = ["write_model_card"]
 

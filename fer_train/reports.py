@@ -6,7 +6,6 @@ two (the engine and the evaluate command call it), write_training_curves draws o
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from pathlib import Path
@@ -16,10 +15,9 @@ from typing import Callable
 import torch
 
 from fer_train.data.base import CLASSES
-from fer_train.errors import DataError
 from fer_train.evaluation import EvalResult, evaluate
 
-__all__ = ["evaluate_and_report", "read_metrics", "slug", "summary_table", "training_curves", "write_confusion",
+__all__ = ["evaluate_and_report", "slug", "summary_table", "training_curves", "write_confusion",
            "write_reports", "write_training_curves"]
 
 
@@ -145,29 +143,6 @@ def evaluate_and_report(model: torch.nn.Module, splits: dict, loader_for: Callab
         results += [evaluate(model, loader_for(name, dataset), name + TTA_SUFFIX, **{**options, "tta": True})
                     for name, dataset in splits.items()]
     return results, write_reports(results, directory, title, write)
-
-
-def read_metrics(path) -> list[dict]:
-    """The records of a run's metrics.jsonl (fer_train.runlog writes them): progress reports (step, loss, lr,
-    images_per_s) and evaluations (step, eval, accuracy, macro_f1, loss, ...). A last line cut short (a run
-    killed while writing it) is left out; any other line that is not a JSON object raises DataError naming
-    the file and line."""
-    path = Path(path)
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise DataError(f"{path}, line {number}: not a JSON record ({err.msg})") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise DataError(f"{path}, line {number}: not a metrics record (a JSON object with a step)")
-        records.append(record)
-    return records
 
 
 def _values(records: list[dict], key: str, scale: float = 1.0) -> list[float]:

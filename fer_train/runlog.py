@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fer_train.errors import ConfigError
+from fer_train.errors import ConfigError, DataError
 
 
 def _duration(seconds: float) -> str:
@@ -18,11 +18,40 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def _metrics_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each record of a metrics.jsonl. A last line cut short (a run killed while writing
+    it) is left out; any other line that is not a JSON object with a step raises DataError naming the file
+    and line."""
+    lines = path.read_text().splitlines(keepends=True)
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}, line {number}: not a JSON record ({err.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise DataError(f"{path}, line {number}: not a metrics record (a JSON object with a step)")
+        out.append((line, record))
+    return out
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a run's metrics.jsonl (RunLog writes them): progress reports (step, loss, lr,
+    images_per_s) and evaluations (step, eval, accuracy, macro_f1, loss, ...), in the order written."""
+    return [record for _, record in _metrics_lines(Path(path))]
+
+
 def _drop_records_after(path: Path, step: int) -> None:
+    """Keeps the records of steps up to `step`; a last line cut short by a kill goes too, so that the resumed
+    run's first record starts a line of its own."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if not line.strip() or json.loads(line).get("step", 0) <= step]
+    kept = [line if line.endswith("\n") else line + "\n"
+            for line, record in _metrics_lines(path) if record["step"] <= step]
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(kept))
     temporary.replace(path)

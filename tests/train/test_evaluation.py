@@ -19,7 +19,8 @@ from fer_train.data import CLASSES, build_loader, open_dataset
 from fer_train.evaluation import EvalResult, confusion_matrix, evaluate
 from fer_train.cli import main
 from fer_train.errors import DataError
-from fer_train.reports import read_metrics, summary_table, training_curves, write_confusion
+from fer_train.reports import summary_table, training_curves, write_confusion
+from fer_train.runlog import read_metrics
 from helpers import read_confusion
 
 BIAS = torch.tensor([0.0, 0.5, -1.0, 2.0, 0.25, -0.5, 1.0, 0.0])  # argmax: class 3

@@ -119,12 +119,13 @@ def test_resume_problems_are_one_line(tmp_path, capsys):
 
 
 def test_resume_keeps_metrics_free_of_repeated_steps_and_works_from_elsewhere(tmp_path, monkeypatch):
-    """A run killed after step 5 with last.pt from step 4 resumes from 4: the records of step 5 go, so
-    every step appears once; data paths are stored absolute, so resuming from another folder works."""
+    """A run killed while writing step 6's record, with last.pt from step 4, resumes from 4: the records of
+    step 5 and the cut line go, so every step appears once and every line is whole; data paths are stored
+    absolute, so resuming from another folder works."""
     run = tmp_path / "run"
     assert main(["--steps", "4", "--out", str(run), *RUN, "--set", "train.checkpoint_every=4"]) == 0
-    with open(run / "metrics.jsonl", "a") as f:  # what a run killed at step 5 leaves behind
-        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    with open(run / "metrics.jsonl", "a") as f:  # what a run killed at step 6 leaves behind
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + '\n{"step": 6, "lo')
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
