@@ -205,17 +205,18 @@ def training_curves(runs: dict[str, list[dict]]):
     if not trained:
         for ax in (loss_ax, lr_ax, speed_ax):
             ax.text(0.5, 0.5, "no progress records", transform=ax.transAxes, ha="center", color="grey")
+    zoomed = None
     if later_scores and early_scores and min(early_scores) < min(later_scores) - 10:
         # the first evaluations (an untrained model's) would squeeze the points that tell runs apart
         score_ax.set_ylim(min(later_scores) - 3, max(later_scores) + 2)
-        score_ax.text(0.02, 0.02, "evaluations in the first 5 % of the steps: below the axis",
-                      transform=score_ax.transAxes, fontsize=8, color="grey")
-    if evaluated:  # room below the lines for the legend
+        zoomed = "evaluations in the first 5 % of the steps: below the axis"
+    if evaluated:  # room below the lines for the legend, whose title says what the zoom left out
         entries = len(score_ax.get_legend_handles_labels()[1])
         columns = 1 if entries <= 4 else 2
+        rows = math.ceil(entries / columns) + (zoomed is not None)
         low, high = score_ax.get_ylim()
-        score_ax.set_ylim(low - 0.09 * math.ceil(entries / columns) * (high - low), high)
-        score_ax.legend(fontsize=8, loc="lower right", ncol=columns)
+        score_ax.set_ylim(low - 0.09 * rows * (high - low), high)
+        score_ax.legend(fontsize=8, loc="lower right", ncol=columns, title=zoomed, title_fontsize=8)
     else:
         score_ax.text(0.5, 0.5, "no evaluation during training", transform=score_ax.transAxes, ha="center",
                       color="grey")

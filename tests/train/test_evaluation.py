@@ -309,6 +309,8 @@ def test_training_curves_plot_the_records():
     assert list(speed_ax.lines[0].get_ydata()) == [190.0, 290.0, 390.0]
     low, high = score_ax.get_ylim()
     assert 30.0 < low < 50.0 and high > 82.0  # the later scores: 50 (mixed val's F1) to 82, room for the legend
+    assert score_ax.get_legend().get_title().get_text() == "evaluations in the first 5 % of the steps: below the axis"
+    assert training_curves({"run": records[:3] + records[4:]}).axes[1].get_legend().get_title().get_text() == ""
 
 
 def test_training_curves_of_several_runs_and_of_a_run_without_records():
