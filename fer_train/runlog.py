@@ -1,5 +1,6 @@
 """What a run tells the person watching it and leaves for later: a progress line on the console, a JSON
-Lines metrics file, and TensorBoard event files where tensorboard is installed. Only rank 0 writes."""
+Lines metrics file (read_metrics reads it back), and TensorBoard event files where tensorboard is installed.
+Only rank 0 writes."""
 
 from __future__ import annotations
 
