@@ -213,9 +213,9 @@ def training_curves(runs: dict[str, list[dict]]):
     if evaluated:  # room below the lines for the legend, whose title says what the zoom left out
         entries = len(score_ax.get_legend_handles_labels()[1])
         columns = 1 if entries <= 4 else 2
-        rows = math.ceil(entries / columns) + (zoomed is not None)
+        legend_rows = math.ceil(entries / columns) + (zoomed is not None)
         low, high = score_ax.get_ylim()
-        score_ax.set_ylim(low - 0.09 * rows * (high - low), high)
+        score_ax.set_ylim(low - 0.09 * legend_rows * (high - low), high)
         score_ax.legend(fontsize=8, loc="lower right", ncol=columns, title=zoomed, title_fontsize=8)
     else:
         score_ax.text(0.5, 0.5, "no evaluation during training", transform=score_ax.transAxes, ha="center",
