@@ -76,7 +76,9 @@ def _extension():
     # -fopenmp: at::parallel_for is an inline header over OpenMP in torch's Linux builds; compiled without
     # it, every CPU kernel ran on one thread (measured: CPU time = wall time at 2 threads).
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"] + openmp
+    # -g0: Python's own build flags ask for debug information, which nearly doubled the time to compile each file
+    # (torch's headers) and made the extension 33 MB instead of 10.
+    cxx = ["-O3", "-g0", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"] + openmp
     nvcc = ["-O3", "--expt-relaxed-constexpr"]
     if with_cuda:
         sources += ["csrc/cuda/mish.cu", "csrc/cuda/recalibrate.cu", "csrc/cuda/optim.cu"]

@@ -3,7 +3,13 @@
 // but these functions are safe to call directly.
 #pragma once
 
-#include <ATen/ATen.h>
+// The tensor type and the few operators used, not <ATen/ATen.h>: that header declares every operator, which
+// costs each file that includes this one seconds of compiling.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 
 #include <optional>
 #include <string>

@@ -2,7 +2,6 @@
 // not depend on the thread count (so reductions give the same bits with 1 or 64 threads).
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

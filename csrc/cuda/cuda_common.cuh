@@ -1,8 +1,8 @@
 // Helpers shared by the CUDA kernels: 16-byte vector packs, launch sizes, warp reductions.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAContextLight.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
