@@ -24,6 +24,14 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    def from_rank0(self, value):
+        """Rank 0's value on every rank (the value itself in a single process)."""
+        if self.world == 1:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
 
 def init_distributed(device_kind: str) -> Distributed:
     """torchrun's environment -> the process group (NCCL on GPUs, gloo on CPUs); one process otherwise."""

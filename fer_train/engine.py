@@ -176,10 +176,12 @@ class Trainer:
     def _check_finite(self, loss: float = 0.0, first_step: int | None = None) -> None:
         """Stops the run (NonFiniteLoss, exit status 3) when the loss or any weight is not finite: nothing
         non-finite is ever saved or chosen as best."""
-        models = (self.model, self.eval_model)
+        models = {id(m): m for m in (self.model, self.eval_model)}.values()  # one model unless EMA is on
         tensors = [t for m in models for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-        weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        if math.isfinite(loss) and weights_finite:
+        # A sum per tensor, not a check per element (35 ms for ResNet-18 on 2 cores, at every log step): a NaN or
+        # an inf makes its sum non-finite; only a sum that is not finite (or overflows) has its elements checked.
+        sums_finite = bool(torch.stack([t.sum().float() for t in tensors]).isfinite().all())
+        if math.isfinite(loss) and (sums_finite or all(bool(torch.isfinite(t).all()) for t in tensors)):
             self._checked_step = self.step
             return
         first = self._checked_step + 1 if first_step is None else first_step
@@ -336,7 +338,7 @@ class Trainer:
             self._set_length(budget, step_seconds[-REPLAN_WINDOW:], "(set again from the recent steps)")
         # with several processes every rank must stop at the same step: rank 0 decides, at log steps
         check = self.dist.world == 1 or self.step % t.log_every == 0
-        if check and self._from_rank0(budget.exhausted()) and self.step < t.steps:
+        if check and self.dist.from_rank0(budget.exhausted()) and self.step < t.steps:
             self.log.message(f"time budget {t.time_budget}: ending training at step {self.step} of {t.steps} to "
                              "leave time for the final evaluation")
             t.steps = self.log.total = self.step
@@ -351,21 +353,13 @@ class Trainer:
         t, o = self.config.train, self.config.optim
         measured = sorted(recent)[len(recent) // 2]
         eval_seconds, final_seconds = self._budget_eval
-        total = self._from_rank0(budget.plan(self.step, measured, eval_seconds, t.eval_every, final_seconds,
+        total = self.dist.from_rank0(budget.plan(self.step, measured, eval_seconds, t.eval_every, final_seconds,
                                              self._upper_steps))  # ranks time their steps a little differently
         if abs(total - t.steps) > 0.01 * t.steps:  # said when it matters, not at every small change
             self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
                              f"evaluation: {total} steps {why}")
         self.decay_from = stretch_decay(self.step, t.steps, total, o.schedule, o.flat_fraction, self.decay_from)
         t.steps = self.log.total = total  # the rates used so far stay, and the next; the fall ends at the new end
-
-    def _from_rank0(self, value):
-        """Rank 0's value on every rank (the value itself in a single process)."""
-        if self.dist.world == 1:
-            return value
-        shared = [value]
-        dist.broadcast_object_list(shared, src=0)
-        return shared[0]
 
     # --- evaluation ----------------------------------------------------------------------------------
 

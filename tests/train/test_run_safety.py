@@ -63,6 +63,33 @@ def test_a_diverging_run_never_saves_a_non_finite_model(tmp_path, monkeypatch, c
     assert (str(last) in err) if last.exists() else "none (none was written yet)" in err
 
 
+@pytest.mark.parametrize("ema", [False, True], ids=["model", "ema-copy"])
+def test_the_weight_check_finds_one_bad_element_and_passes_huge_finite_weights(tmp_path, ema):
+    """The check sums each tensor before it looks at elements: one NaN or inf element is still found (in the
+    model, or in the EMA copy that best.pt would hold), and finite weights whose sums overflow are finite."""
+    from fer_train.config import build_config, parse_overrides
+    from fer_train.engine import NonFiniteLoss
+
+    overrides = parse_overrides(TINY[1::2] + [f"train.ema={0.9 if ema else 0}"])
+    overrides["train"].update(steps=1, batch_size=4, out=str(tmp_path))
+    trainer = Trainer(build_config("default", overrides=overrides), tmp_path)
+    try:
+        weights = [p for p in trainer.eval_model.parameters() if p.dim() > 1]
+        assert (trainer.eval_model is not trainer.model) == ema
+        with torch.no_grad():
+            for w in weights[:3]:
+                w.fill_(3e38)  # each sum overflows to inf; every element is finite
+            trainer._check_finite()
+            for bad in (math.nan, math.inf, -math.inf):
+                weights[-1].view(-1)[7] = bad
+                with pytest.raises(NonFiniteLoss, match="the weights became non-finite"):
+                    trainer._check_finite()
+                weights[-1].view(-1)[7] = 0.0
+            trainer._check_finite()
+    finally:
+        trainer.log.close()
+
+
 def test_a_huge_learning_rate_is_stopped_before_it_is_saved(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--steps", "6", "--out", str(run), *RUN, "--lr", "1e300", "--set", "train.checkpoint_every=1",
