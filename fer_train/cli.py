@@ -143,6 +143,7 @@ def train(args, started: float | None = None) -> int:
         run_folder.prepare(run_dir, overwrite=args.overwrite, resume=resume is not None)
     try:
         outcome = Trainer(config, run_dir, resume=resume, stop_after=args.stop_after, started=started).fit()
+        end_distributed(barrier=True)  # every rank ends its fit at the same step
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

@@ -43,11 +43,16 @@ def init_distributed(device_kind: str) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def end_distributed() -> None:
+def end_distributed(barrier: bool = False) -> None:
     """Destroys the process group, if one was made, before the interpreter ends: left to its teardown, the
     group's background threads (gloo's) can be destroyed while they run, and a run that succeeded aborts
-    ("terminate called without an active exception")."""
+    ("terminate called without an active exception"). barrier (for ranks that all ended normally): wait for
+    every rank first. A gloo worker thread drops its last collective's work after the rank has moved on, and
+    one that does so while the interpreter ends aborts the process in the same way (pytorch/pytorch#190489);
+    the barrier returns only when every rank is there, long after."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

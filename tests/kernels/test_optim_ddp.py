@@ -43,6 +43,9 @@ def _worker(rank, world, init_file, out_file):
         _train(model, images[rank * half:(rank + 1) * half], labels[rank * half:(rank + 1) * half])
         if rank == 0:
             torch.save(model.module.state_dict(), out_file)
+        # Gloo's worker threads drop their last gradient all-reduce after the rank has moved on; one that does so
+        # while the interpreter ends aborts the process. The barrier returns once every rank is here, long after.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

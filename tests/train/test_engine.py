@@ -206,17 +206,21 @@ def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path):
                      checkpoint.load(tmp_path / "one" / "last.pt")["model"])
 
 
-def test_the_process_group_is_ended_before_the_process(tmp_path):
+def test_the_process_group_is_ended_before_the_process(tmp_path, monkeypatch):
     """The train command ends the process group it joined (gloo's threads, left to the interpreter's end, can
-    abort a run that succeeded); with none, ending is a no-op."""
+    abort a run that succeeded), after a barrier when the ranks ended normally; with none, ending is a no-op."""
     import torch.distributed as dist
 
     from fer_train.distributed import end_distributed
 
-    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
-    end_distributed()
-    assert not dist.is_initialized()
-    end_distributed()
+    barriers = []
+    monkeypatch.setattr(dist, "barrier", lambda barrier=dist.barrier: barriers.append(barrier()))
+    for barrier in (False, True):
+        dist.init_process_group("gloo", init_method=(tmp_path / f"store-{barrier}").as_uri(), rank=0, world_size=1)
+        end_distributed(barrier=barrier)
+        assert not dist.is_initialized() and len(barriers) == barrier
+        end_distributed(barrier=barrier)
+    assert len(barriers) == 1
 
 
 def test_ddp_ranks_agree_on_the_length_a_time_budget_sets(tmp_path):
