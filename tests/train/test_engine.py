@@ -227,7 +227,7 @@ def test_ddp_ranks_agree_on_the_length_a_time_budget_sets(tmp_path):
     """Each rank times its own steps; the planned length and the early stop are rank 0's on every rank, so
     no rank waits at a collective for a step the others do not take."""
     ddp = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fer_train", "train",
-                    "--out", str(tmp_path / "ddp"), "--steps", "100000", "--time-budget", "50s", "--batch-size", "8",
+                    "--out", str(tmp_path / "ddp"), "--steps", "100000", "--time-budget", "40s", "--batch-size", "8",
                     "--set", "train.micro_batch=4", "--set", "train.log_every=2", "--set", "train.eval_every=1000000",
                     "--set", "train.checkpoint_every=1000000", *TINY])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
