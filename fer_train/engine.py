@@ -173,6 +173,7 @@ class Trainer:
                                       temperature=temperature, metrics=dict(self.best))
         return checkpoint.save_atomic(state, self.run_dir / "best.pt")
 
+    @torch.no_grad()
     def _check_finite(self, loss: float = 0.0, first_step: int | None = None) -> None:
         """Stops the run (NonFiniteLoss, exit status 3) when the loss or any weight is not finite: nothing
         non-finite is ever saved or chosen as best."""
@@ -354,7 +355,7 @@ class Trainer:
         measured = sorted(recent)[len(recent) // 2]
         eval_seconds, final_seconds = self._budget_eval
         total = self.dist.from_rank0(budget.plan(self.step, measured, eval_seconds, t.eval_every, final_seconds,
-                                             self._upper_steps))  # ranks time their steps a little differently
+                                                  self._upper_steps))  # ranks time their steps a little differently
         if abs(total - t.steps) > 0.01 * t.steps:  # said when it matters, not at every small change
             self.log.message(f"time budget {t.time_budget}: {measured:.3f} s per step, {eval_seconds:.1f} s per "
                              f"evaluation: {total} steps {why}")

@@ -49,8 +49,7 @@ def test_a_stop_signal_to_the_group_saves_and_resumes_exactly(tmp_path, backend)
     steps = checkpoint.load(run / "last.pt")["step"] + 2
     finished = [python_process([*TRAIN, *data, "--steps", str(steps), *args])  # side by side: both mostly start up
                 for args in (["--resume", str(run)], ["--out", str(tmp_path / "straight")])]  # TRAIN's settings apply
-    for process in finished:
-        _, err = _finish(process)
+    for process, (_, err) in zip(finished, [_finish(process) for process in finished]):
         assert process.returncode == 0, err[-3000:]
     resumed, straight = (checkpoint.load(tmp_path / name / "last.pt") for name in ("stopped", "straight"))
     assert resumed["step"] == straight["step"] == steps
