@@ -143,8 +143,9 @@ class Trainer:
             if self.ema is not None and state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise ConfigError(f"{state['path']} does not fit this run's model or optimizer ({str(err).splitlines()[0]}); "
-                              "resume with the settings the run was trained with") from None
+            first_line = str(err).splitlines()[0]
+            raise ConfigError(f"{state['path']} does not fit this run's model or optimizer ({first_line}); resume "
+                              "with the settings the run was trained with") from None
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
         self.step, self.best, self.decay_from = int(state["step"]), dict(state["best"]), state.get("decay_from")

@@ -47,10 +47,10 @@ def test_a_stop_signal_to_the_group_saves_and_resumes_exactly(tmp_path, backend)
     assert "stopped (SIGTERM)" in out and "Traceback" not in err
     assert process_group_gone(process.pid), "a worker outlived the run"
     steps = checkpoint.load(run / "last.pt")["step"] + 2
-    finished = [python_process([*TRAIN, *data, "--steps", str(steps), *args])  # side by side: both mostly start up
-                for args in (["--resume", str(run)], ["--out", str(tmp_path / "straight")])]  # TRAIN's settings apply
-    for process, (_, err) in zip(finished, [_finish(process) for process in finished]):
-        assert process.returncode == 0, err[-3000:]
+    for args in (["--resume", str(run)], ["--out", str(tmp_path / "straight")]):  # TRAIN's settings apply to both
+        finished = python_process([*TRAIN, *data, "--steps", str(steps), *args])
+        _, err = _finish(finished)
+        assert finished.returncode == 0, err[-3000:]
     resumed, straight = (checkpoint.load(tmp_path / name / "last.pt") for name in ("stopped", "straight"))
     assert resumed["step"] == straight["step"] == steps
     for key, value in straight["model"].items():
