@@ -107,6 +107,7 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved when on (0: off)
     tta_report: bool = True  # the final report adds rows with horizontal-flip test-time augmentation
     keep_freed_memory: bool = True  # glibc keeps freed blocks for reuse instead of page-faulting them in again
+    threads: str = "auto"  # intra-op threads: N, adaptive (measured, fer_train.threads), auto (adaptive with a budget)
     channels_last: bool = True
     compile: bool = False
     seed: int = 0

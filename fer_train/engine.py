@@ -46,6 +46,7 @@ from fer_train.recipe.schedule import lr_factor, stretch_decay
 from fer_train.reports import evaluate_and_report
 from fer_train.run_data import open_run_data
 from fer_train.runlog import RunLog, describe
+from fer_train.threads import IntraOpThreads, thread_setting
 
 __all__ = ["NonFiniteLoss", "Trainer"]
 
@@ -80,6 +81,8 @@ class Trainer:
             raise ConfigError("train.compile with several CPU processes is not supported; drop one of them")
 
         self.keeps_freed_memory = t.keep_freed_memory and keep_freed_memory()
+        # intra-op threads: a count, 0 to adapt to the load (fer_train.threads), None to leave torch's
+        self.threads = thread_setting(t.threads, bool(t.time_budget), self.device, self.dist.world)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.data = open_run_data(config)
         if self.data.test and not installed("matplotlib"):  # found now, not after hours of training
@@ -265,6 +268,7 @@ class Trainer:
         """Trains to train.steps (or stop_after steps of this session, or a signal); returns
         {"stopped": None or the reason, "step": ..., "results": final test EvalResults, "best": ...}."""
         t = self.config.train
+        threads = IntraOpThreads(self.threads, self.log.message)  # set before the header reports the count
         self.log.message(describe(self))
         in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
         restore_signals = self._handle_signals() if in_main else (lambda: None)
@@ -279,10 +283,10 @@ class Trainer:
                 started = time.perf_counter()
                 loss_sum += self._train_step(batches)
                 window_steps += 1
-                if budget is not None:
-                    step_seconds.append(time.perf_counter() - started)
-                    if self._follow_budget(budget, step_seconds, session_start):
-                        window_start = time.perf_counter()
+                step_seconds.append(time.perf_counter() - started)
+                threads.record(step_seconds[-1])
+                if budget is not None and self._follow_budget(budget, step_seconds, session_start):
+                    window_start = time.perf_counter()
                 at_log = self.step % t.log_every == 0 or self.step == t.steps
                 if at_log or self.step % t.eval_every == 0 or self.step % t.checkpoint_every == 0:
                     # checked before anything is saved, so a checkpoint never holds a diverged model
@@ -311,9 +315,11 @@ class Trainer:
                                      f"with `python -m fer_train train --resume {self.run_dir}`")
                     break
             restore_signals()  # the final evaluation stops at a signal as any command does
+            threads.settle()  # the count chosen, not one being timed
             results = [] if stopped else self.final_evaluation()
         finally:  # however it ends (an error too), the input workers end now and the log is complete
             restore_signals()
+            threads.restore()
             batches.close()
             for loader in (self.loader, *self._eval_loaders.values()):
                 loader.close()  # now: at the process's end DALI would wait for each worker in turn
@@ -332,8 +338,10 @@ class Trainer:
             started = time.perf_counter()
             self._validate()
             eval_seconds = time.perf_counter() - started
-            self._budget_eval = (eval_seconds, self._final_evaluation_seconds(
-                eval_seconds / max(sum(len(d) for d in self.data.validation.values()), 1)))
+            final_images = (len(self.data.selection[1]) if self.data.selection else 0) + \
+                sum(len(d) for d in self.data.test.values()) * (2 if t.tta_report else 1)  # at the end, TTA twice
+            per_image = eval_seconds / max(sum(len(d) for d in self.data.validation.values()), 1)
+            self._budget_eval = (eval_seconds, per_image * final_images)
             self._set_length(budget, step_seconds[1:], f"(was {t.steps})")
             return True
         if self.step % t.log_every == 0:
@@ -345,11 +353,6 @@ class Trainer:
                              "leave time for the final evaluation")
             t.steps = self.log.total = self.step
         return False
-
-    def _final_evaluation_seconds(self, per_image: float) -> float:
-        passes = (len(self.data.selection[1]) if self.data.selection else 0) + \
-            sum(len(d) for d in self.data.test.values()) * (2 if self.config.train.tta_report else 1)
-        return per_image * passes
 
     def _set_length(self, budget: Budget, recent: list, why: str) -> None:
         t, o = self.config.train, self.config.optim

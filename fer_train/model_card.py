@@ -112,6 +112,7 @@ def write_model_card(trainer, results: list, temperature: float) -> Path:
         "",
         "## Time and hardware",
         f"- {_duration(trainer.elapsed_seconds())} of wall time on {_hardware(trainer.device)}"
+        f"{' at the end (the count followed the load, train.threads)' if trainer.threads == 0 else ''}"
         f"{f' x {trainer.dist.world} processes' if trainer.dist.world > 1 else ''}.",
         "",
         "## Evaluation",

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from fer_train.errors import ConfigError, DataError
 
 
@@ -181,7 +183,8 @@ def describe(trainer) -> str:
             f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend} "
             f"({trainer.loader.pipeline.num_workers} workers); "
             f"{c.data.image_size} px, centre crop {c.data.crop:g} of the face{random_crops(c.data)}; "
-            f"freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}"
+            f"freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}; intra-op threads "
+            f"{torch.get_num_threads()}{' (adapting to the load)' if trainer.threads == 0 else ''}"
             f"{_small_map_convolutions(trainer.device)}\n"
             f"training data:\n{sets}\n"
             f"{f'class-balanced sampling, power {c.data.class_balance}; ' if c.data.class_balance else ''}"
