@@ -6,9 +6,12 @@ video call, a browser, a second run), the thread that shares that core is desche
 time, and every region of the step waits for it. Measured on 2 cores, one training step of ResNet-18 + Mish +
 ABP (batch 32, 48 px, bfloat16 autocast): 81 ms with 2 threads and 121 ms with 1 on a quiet machine; 154 ms
 and 122 ms while another process kept one core busy half of the time; 400 ms and 119 ms while it kept one
-core busy all of the time. The load changes while a run trains, so the choice is made again and again: every
-PERIOD seconds, PROBE_STEPS steps run at one thread fewer and one more than now, and the fastest
-count stays when it beats the current one by MARGIN.
+core busy all of the time. The load changes while a run trains, so the choice is made again and again: in a
+round, PROBE_STEPS steps run at one thread fewer and one more than now, and the fastest count stays when it
+beats the current one by MARGIN. Rounds come PERIOD seconds apart, twice as far apart after each round that
+kept the count (up to MAX_PERIOD: a round costs a few slower steps, about 2 % of a quiet machine's time at
+one round in 30 s), and again PERIOD seconds after the last when the step time moves by MARGIN (a load that
+came or went).
 
 The thread count changes how reductions are split, so the weights then depend on when the count changed.
 train.threads=auto therefore adapts only where a run depends on the clock anyway (a time budget); `adaptive`
@@ -25,10 +28,11 @@ import torch
 
 from fer_train.errors import ConfigError
 
-__all__ = ["FIRST_PROBE", "MARGIN", "PERIOD", "PROBE_STEPS", "IntraOpThreads", "thread_setting"]
+__all__ = ["FIRST_PROBE", "MARGIN", "MAX_PERIOD", "PERIOD", "PROBE_STEPS", "IntraOpThreads", "thread_setting"]
 
 FIRST_PROBE = 10.0  # seconds of training before the first comparison: the load at the start counts too
-PERIOD = 30.0  # seconds of training between two comparisons: how soon a change in the load is followed
+PERIOD = 30.0  # seconds between two rounds of comparison, at the least: how soon a change in the load is followed
+MAX_PERIOD = 240.0  # seconds between two rounds, at the most, while the count and the step time stay
 PROBE_STEPS = 5  # steps timed per count (after one unmeasured step at the new count: oneDNN's new primitives)
 MARGIN = 0.1  # another count is taken when its median step is this much faster: step times scatter by ~5 %
 
@@ -55,21 +59,25 @@ class IntraOpThreads:
     when it changes the count and why. `restore` sets the count the process had before."""
 
     def __init__(self, setting: int | None, say: Callable[[str], None], period: float = PERIOD,
-                 probe_steps: int = PROBE_STEPS, margin: float = MARGIN, first_probe: float = FIRST_PROBE,
-                 clock: Callable[[], float] = time.perf_counter):
+                 max_period: float = MAX_PERIOD, probe_steps: int = PROBE_STEPS, margin: float = MARGIN,
+                 first_probe: float = FIRST_PROBE, clock: Callable[[], float] = time.perf_counter):
         self.before = torch.get_num_threads()
         if setting:
             torch.set_num_threads(setting)
         self.adapts, self.most = setting == 0, torch.get_num_threads()
         self.current = self.most  # the count chosen
-        self._say, self._period, self._probe_steps, self._margin, self._clock = say, period, probe_steps, margin, clock
+        self._say, self._period, self._max_period, self._clock = say, period, max_period, clock
+        self._probe_steps, self._margin = probe_steps, margin
         self._running = self.most  # the count set now: the current one, or the one being timed
         self._recent: list[float] = []  # step times at the current count since the last comparison
         self._timed: dict[int, float] = {}  # the counts compared in this round: median step time
         self._queue: list[int] = []  # the counts still to be timed in this round
         self._times: list[float] = []  # step times at the count being timed
         self._skip = False  # the first step after a change is not timed
-        self._next_round = clock() + first_probe
+        self._next_round = clock() + first_probe  # when the next round starts if the step time stays
+        self._interval = period  # the time between the last round and the next
+        self._last_round = -float("inf")  # when the last round ended
+        self._baseline: float | None = None  # the median step time at the current count in the last round
 
     def settle(self) -> None:
         """Ends a comparison under way on the count chosen before it (training is over)."""
@@ -90,8 +98,12 @@ class IntraOpThreads:
             return
         if not self.comparing:
             self._recent = [*self._recent, seconds][-self._probe_steps:]
-            if self.most > 1 and len(self._recent) == self._probe_steps and self._clock() >= self._next_round:
-                self._timed = {self.current: statistics.median(self._recent)}
+            if self.most == 1 or len(self._recent) < self._probe_steps:
+                return
+            now, median = self._clock(), statistics.median(self._recent)
+            moved = self._baseline is not None and abs(median / self._baseline - 1) > self._margin
+            if now >= self._next_round or (moved and now >= self._last_round + self._period):
+                self._timed = {self.current: median}
                 self._queue = [n for n in (self.current - 1, self.current + 1) if 1 <= n <= self.most]
                 self._next()
             return
@@ -110,9 +122,12 @@ class IntraOpThreads:
         if self._timed[fastest] < self._timed[self.current] * (1 - self._margin):
             times = ", ".join(f"{n}: {1e3 * s:.0f} ms" for n, s in sorted(self._timed.items()))
             self._say(f"intra-op threads {self.current} -> {fastest} (median step time by thread count: {times})")
-            self.current = fastest
+            self.current, self._interval = fastest, self._period
+        else:
+            self._interval = min(2 * self._interval, self._max_period)
         self._run(self.current)
-        self._recent, self._next_round = [], self._clock() + self._period
+        self._baseline, self._recent, self._last_round = self._timed[self.current], [], self._clock()
+        self._next_round = self._last_round + self._interval
 
     def _run(self, threads: int) -> None:
         if threads != self._running:

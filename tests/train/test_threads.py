@@ -8,7 +8,7 @@ import torch
 
 from fer_train.cli import main
 from fer_train.errors import ConfigError
-from fer_train.threads import FIRST_PROBE, PERIOD, PROBE_STEPS, IntraOpThreads, thread_setting
+from fer_train.threads import FIRST_PROBE, MAX_PERIOD, PERIOD, PROBE_STEPS, IntraOpThreads, thread_setting
 from helpers import TINY
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -68,13 +68,14 @@ def _adaptive(machine: Machine, most: int) -> IntraOpThreads:
     return IntraOpThreads(0, machine.said.append, clock=machine.clock)
 
 
-def test_a_quiet_machine_keeps_every_thread_and_pays_little_for_the_comparisons():
+def test_a_quiet_machine_keeps_every_thread_and_compares_less_and_less_often():
     machine = Machine({2: 0.08, 1: 0.12}, switch_cost=3.0)
     threads = _adaptive(machine, 2)
-    machine.run(threads, 10 * PERIOD)
+    machine.run(threads, 3600)
     assert threads.current == 2 and torch.get_num_threads() == 2 and machine.said == []
-    share_at_one = machine.counts.count(1) / len(machine.counts)
-    assert 0 < share_at_one < 0.02  # it did compare, about (PROBE_STEPS + 1) steps per PERIOD
+    at_one = [i for i, n in enumerate(machine.counts) if n == 1]
+    rounds = 1 + sum(b > a + 1 for a, b in zip(at_one, at_one[1:]))
+    assert len(at_one) == rounds * (PROBE_STEPS + 1) and 3600 / MAX_PERIOD < rounds < 3600 / MAX_PERIOD + 6
 
 
 def test_a_core_taken_by_another_process_moves_to_fewer_threads_and_back_when_it_is_free():
@@ -85,10 +86,19 @@ def test_a_core_taken_by_another_process_moves_to_fewer_threads_and_back_when_it
     assert machine.said == ["intra-op threads 2 -> 1 (median step time by thread count: 1: 120 ms, 2: 150 ms)"]
     machine.run(threads, 3 * PERIOD)
     assert threads.current == 1 and len(machine.said) == 1  # compared again, and stayed
-    machine.profile = {2: 0.08, 1: 0.12}  # the other process ended
-    machine.run(threads, PERIOD + 2)
+    machine.profile = {2: 0.08, 1: 0.12}  # the other process ended; the step at 1 thread takes as long as before
+    machine.run(threads, MAX_PERIOD + 2)
     assert threads.current == 2 and torch.get_num_threads() == 2
     assert machine.said[-1].startswith("intra-op threads 1 -> 2")
+
+
+def test_a_load_that_comes_is_followed_within_a_period_when_rounds_have_grown_far_apart():
+    machine = Machine({2: 0.08, 1: 0.12})
+    threads = _adaptive(machine, 2)
+    machine.run(threads, 450)  # rounds at about 10, 70, 190 and 430 s; the next would come at about 670
+    machine.profile = {2: 0.15, 1: 0.12}
+    machine.run(threads, PERIOD + 5)
+    assert threads.current == 1 and machine.said[0].startswith("intra-op threads 2 -> 1")
 
 
 def test_it_walks_to_the_fastest_count_and_not_beyond():
