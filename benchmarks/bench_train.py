@@ -16,6 +16,10 @@ existed (float32, freed memory returned to the kernel). The data: FERPlus's trai
 its other splits are left out, so no run evaluates), else a FERPlus-layout folder of drawn faces written to a
 temporary folder. Writes <device>-engine.json.
 
+load (not in the default parts): the default engine (a fixed thread count) and train.threads=adaptive while
+another process keeps part of one core busy (none, half of the time, all of it), taking turns for --rounds
+rounds; writes <device>-engine-load.json.
+
 against (not in the default parts): the default engine of this tree and of a checkout of another commit
 (--against, its extension built in place), taking turns for --rounds rounds; writes
 <device>-engine-against.json with the ratio of the two.
@@ -23,6 +27,7 @@ against (not in the default parts): the default engine of this tree and of a che
     python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--parts step,engine]
         step:   [--models resnet18,resnet50] [--compile both|yes|no] [--batch N] [--image-size 224]
         engine: [--ferplus DIR] [--steps 120] [--settings NAME,...] [--sizes 48,224]
+        load:   [--rounds 3] [--ferplus DIR] [--steps 120] [--sizes 48,224]
         against: --against CHECKOUT [--rounds 3] [--ferplus DIR] [--steps 120] [--sizes 48,224]
 """
 
@@ -64,6 +69,8 @@ SETTINGS = {
     "1-worker": ("the default with 1 data worker", ["data.workers=1"]),
     "2-workers": ("the default with 2 data workers", ["data.workers=2"]),
     "1-thread": ("the default with 1 intra-op thread (OMP_NUM_THREADS=1)", []),
+    "adaptive-threads": ("the default with the intra-op thread count chosen by timed steps (train.threads=adaptive)",
+                         ["train.threads=adaptive"]),
     "onednn-weight-grad": ("the default with oneDNN's weight gradient on small maps too (FER_KERNELS_SMALL_MAP=0)",
                            []),
     "cifar-stem": ("the default with the CIFAR stem (3x3/1, no pool: 16x the stages' work)", ["model.stem=cifar"]),
@@ -71,6 +78,8 @@ SETTINGS = {
 # settings made by the environment rather than the config
 SETTING_ENV = {"1-thread": {"OMP_NUM_THREADS": "1"}, "onednn-weight-grad": {"FER_KERNELS_SMALL_MAP": "0"}}
 ENGINE_ROWS = [(32, 48), (8, 224)]  # (batch, image size)
+# the load part: the share of one core that another process keeps busy (in periods of 10 ms)
+LOADS = {"quiet": 0.0, "half-a-core": 0.5, "one-core": 1.0}
 
 
 def _arguments(p):
@@ -221,6 +230,43 @@ def engine_part(args, device):
     results.finish()
 
 
+def other_process(share: float) -> subprocess.Popen | None:
+    """A process that keeps one core busy `share` of the time, as a video call or a browser would."""
+    if share <= 0:
+        return None
+    code = (f"import time\nwhile True:\n    t = time.perf_counter()\n    while time.perf_counter() - t < "
+            f"{0.01 * share}: pass\n    time.sleep({0.01 * (1 - share)})")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def load_part(args, device):
+    """The default engine and adaptive threads under each of LOADS, taking turns within a load."""
+    steps = 12 if args.quick else args.steps
+    settings = ("default", "adaptive-threads")
+    notes = [f"each run in a fresh `python -m fer_train train` process, {steps} steps, while another process keeps "
+             "one core busy for a share of every 10 ms (LOADS); the settings take turns under each load for "
+             f"{args.rounds} rounds; images_per_s of a run: median of its per-window rates after the first window",
+             "model resnet18 + mish + abp, Ranger + GC, FMix, no class weights"]
+    results = common.Results("engine-load", device, args, notes, measure_copy=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = engine_data(args, Path(scratch), results)
+        for batch, size in engine_rows(args):
+            for load, share in LOADS.items():
+                for round_ in range(args.rounds):
+                    for name in settings:
+                        other = other_process(share)
+                        try:
+                            row = run_setting(name, batch, size, steps, data, Path(scratch) / "run", device.type)
+                        finally:
+                            if other is not None:
+                                other.kill()
+                                other.wait()
+                        results.append({**row, "load": load, "other_process_share": share, "round": round_})
+                        print(f"{size:>3} px batch {batch:<3} {load:<12} round {round_} {name:<17} "
+                              f"{row['images_per_s']:8.1f} images/s", flush=True)
+    results.finish()
+
+
 def against_part(args, device):
     """The default engine of this tree and of another commit's checkout (--against), taking turns, so that
     a machine whose speed drifts between runs (shared hosts do, by 15 % or more within minutes) hits both
@@ -269,6 +315,8 @@ def main():
         step_part(args, device)
     if "engine" in args.parts:
         engine_part(args, device)
+    if "load" in args.parts:
+        load_part(args, device)
     if "against" in args.parts:
         against_part(args, device)
 
