@@ -61,6 +61,9 @@ SETTINGS = {
     "nchw": ("the default with NCHW instead of channels_last", ["train.channels_last=false"]),
     "compile": ("the default with torch.compile of the model", ["train.compile=true"]),
     "no-fmix": ("the default without FMix (as the ferplus-cpu-1h preset trains)", ["data.fmix=false"]),
+    "autocast-weights": ("the default with autocast rounding the float32 weights at every step instead of "
+                         "bfloat16 weight copies written by the optimizer (train.bf16_weights=false)",
+                         ["train.bf16_weights=false"]),
     # the data pipeline: by default the PyTorch one in the main process on a CPU, DALI's with 2 workers on a GPU
     "torch-pipeline": ("the PyTorch pipeline in the main process (the CPU default)",
                        ["data.backend=torch", "data.workers=0"]),

@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recalibrate_backward_cpu", &fk::recalibrate_backward_cpu, nogil, py::arg("grad"), py::arg("x"),
         py::arg("gate"), py::arg("identity"), py::arg("act"));
   m.def("ranger_step_cpu", &fk::ranger_step_cpu, nogil, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
-        py::arg("exp_avg_sqs"), py::arg("slows"), py::arg("plan"), py::arg("scalars"));
+        py::arg("exp_avg_sqs"), py::arg("slows"), py::arg("plan"), py::arg("scalars"),
+        py::arg("copies") = std::vector<at::Tensor>{});
 #ifdef FER_KERNELS_WITH_CUDA
   m.def("mish_forward_cuda", &fk::mish_forward_cuda, nogil, py::arg("x"));
   m.def("mish_backward_cuda", &fk::mish_backward_cuda, nogil, py::arg("grad"), py::arg("x"));

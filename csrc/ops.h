@@ -146,10 +146,11 @@ enum PlanColumn : int { PLAN_TENSOR = 0, PLAN_START = 1, PLAN_LENGTH = 2, PLAN_C
 
 // Checks the tensor lists of one step: one device and dtype per role, state in the math type, dense
 // tensors laid out alike (the kernels walk them as flat buffers), and a plan of the right shape.
+// bfloat16_grads: float32 parameters whose gradients are bfloat16 (those of their bfloat16 copies).
 inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& params,
                               const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
                               const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& slows,
-                              const at::Tensor& plan, bool sync) {
+                              const at::Tensor& plan, bool sync, bool bfloat16_grads = false) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, op, ": no parameters");
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n, op,
@@ -169,7 +170,7 @@ inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& par
                   " on ", p.device(), ", got ", t.scalar_type(), " on ", t.device());
       TORCH_CHECK(same_dense_layout(t, p), op, ": ", role, " ", i, " must have the shape and strides of its parameter");
     };
-    check(grads[i], "grad", first.scalar_type());
+    check(grads[i], "grad", bfloat16_grads ? at::kBFloat16 : first.scalar_type());
     check(exp_avgs[i], "exp_avg", state_dtype);
     check(exp_avg_sqs[i], "exp_avg_sq", state_dtype);
     if (sync) check(slows[i], "slow buffer", state_dtype);
@@ -208,9 +209,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recalibrate_backward_cpu(const at
                                                                         const std::optional<at::Tensor>& gate,
                                                                         const at::Tensor& identity, int64_t act);
 
+// copies: empty, or one bfloat16 tensor per float32 parameter, its copy for the forward and backward passes:
+// then grads are the copies' (bfloat16) gradients, and the step writes each updated parameter, rounded, into
+// its copy. See csrc/cpu/optim.cpp.
 void ranger_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                     const std::vector<at::Tensor>& slows, const at::Tensor& plan, const ScalarMap& scalars);
+                     const std::vector<at::Tensor>& slows, const at::Tensor& plan, const ScalarMap& scalars,
+                     const std::vector<at::Tensor>& copies);
 
 #ifdef FER_KERNELS_WITH_CUDA
 at::Tensor mish_forward_cuda(const at::Tensor& x);

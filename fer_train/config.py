@@ -108,6 +108,9 @@ class TrainConfig:
     tta_report: bool = True  # the final report adds rows with horizontal-flip test-time augmentation
     keep_freed_memory: bool = True  # glibc keeps freed blocks for reuse instead of page-faulting them in again
     threads: str = "auto"  # intra-op threads: N, adaptive (measured, fer_train.threads), auto (adaptive with a budget)
+    # CPU bf16 autocast, one process: the passes use bfloat16 weight copies that the fused optimizer writes (the
+    # same steps without rounding the weights at each one; fer_kernels.optim.BFloat16Weights)
+    bf16_weights: bool = True
     channels_last: bool = True
     compile: bool = False
     seed: int = 0

@@ -38,7 +38,7 @@ from fer_train.data import CLASSES, MixedTargets, build_loader, class_weights
 from fer_train.distributed import init_distributed, select_device
 from fer_train.errors import ConfigError
 from fer_train.evaluation import evaluate, selection_temperature
-from fer_train.factories import amp_dtype, build_ema, build_model, build_optimizer
+from fer_train.factories import amp_dtype, build_ema, build_model, build_net, build_optimizer
 from fer_train.host import keep_freed_memory
 from fer_train.model_card import write_model_card
 from fer_train.recipe.fmix import FMix, fmix_loss
@@ -111,10 +111,8 @@ class Trainer:
             self._restore(resume)
             self.last_good = resume["path"]
         self._checked_step = self.step  # the last step whose loss and weights were seen finite
-        self.net = self.model if self.dist.world == 1 else torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)  # gradients are views of the buckets: no copy into them each step
-        self.net = torch.compile(self.net) if t.compile else self.net
+        self.net = build_net(self.model, self.optimizer, t, self.device, self.amp_dtype, self.dist.world,
+                             self.accumulation)
         if self.dist.world > 1:  # every rank uses rank 0's run folder (a default name holds the start time)
             shared = [str(self.run_dir)]
             dist.broadcast_object_list(shared, src=0)

@@ -169,6 +169,13 @@ def random_crops(data) -> str:
     return f", random crops (zoom {data.zoom:g}, shift {data.translate:g} of the side)"
 
 
+def bfloat16_weights(net) -> str:
+    """The describe line's note when the passes use bfloat16 weight copies (train.bf16_weights)."""
+    from fer_kernels.optim import BFloat16Weights
+
+    return " with bfloat16 weight copies written by the optimizer" if isinstance(net, BFloat16Weights) else ""
+
+
 def describe(trainer) -> str:
     """The header a run prints: where it runs, the model, optimizer and recipe, the data and its evaluation."""
     c = trainer.config
@@ -180,8 +187,8 @@ def describe(trainer) -> str:
             f"{c.train.steps} steps of {c.train.batch_size} ({trainer.micro_batch} x {trainer.accumulation} "
             f"accumulation x {trainer.dist.world} processes)"
             f"{f', time budget {c.train.time_budget}' if c.train.time_budget else ''}; amp "
-            f"{trainer.amp_dtype}; weight EMA {c.train.ema or 'off'}; data backend {trainer.loader.backend} "
-            f"({trainer.loader.pipeline.num_workers} workers); "
+            f"{trainer.amp_dtype}{bfloat16_weights(trainer.net)}; weight EMA {c.train.ema or 'off'}; "
+            f"data backend {trainer.loader.backend} ({trainer.loader.pipeline.num_workers} workers); "
             f"{c.data.image_size} px, centre crop {c.data.crop:g} of the face{random_crops(c.data)}; "
             f"freed memory {'kept' if trainer.keeps_freed_memory else 'returned'}; intra-op threads "
             f"{torch.get_num_threads()}{' (adapting to the load)' if trainer.threads == 0 else ''}"

@@ -11,6 +11,7 @@ checks it by running it twice: the test suite checks every backend against the r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ class RangerBucket:
     scalars: dict
     hyper: dict  # the group's hyperparameters, for the reference backend
     step: int  # the step count after this update (t, from 1)
+    # bfloat16 copies of float32 params that the passes used (fer_kernels.optim.BFloat16Weights): grads are then
+    # the copies' gradients, and the step writes each updated param, rounded, into its copy
+    copies: list = field(default_factory=list)
     exp_avgs: list = field(init=False)
     exp_avg_sqs: list = field(init=False)
 
@@ -85,6 +89,19 @@ def step_scalars(group: dict, step: int) -> dict:
     }
 
 
+def _widening_copies(step):
+    """`step` for a backend without bfloat16 copies: the update from the gradients widened to float32, then the
+    copies rounded from the updated parameters (the CPU kernel does both in its pass)."""
+    def run(bucket: RangerBucket) -> None:
+        if not bucket.copies:
+            return step(bucket)
+        step(dataclasses.replace(bucket, grads=[g.to(p.dtype) for g, p in zip(bucket.grads, bucket.params)],
+                                 copies=[]))
+        for copy, param in zip(bucket.copies, bucket.params):
+            copy.copy_(param)
+    return run
+
+
 def _reference_step(bucket: RangerBucket) -> None:
     """The specification, parameter by parameter, from the hyperparameters (not the step's scalars)."""
     for param, grad, state in zip(bucket.params, bucket.grads, bucket.states):
@@ -101,8 +118,12 @@ def _triton(bucket):
     ranger_step_triton(*bucket.kernel_args())
 
 
+def _cpu(bucket):
+    extension("ranger_step_cpu")(*bucket.kernel_args(), bucket.copies)
+
+
 OPTIM = Op("optim", mutates=True)
-OPTIM.implement("cuda", step=_extension("ranger_step_cuda"))
-OPTIM.implement("triton", step=_triton)
-OPTIM.implement("cpu", step=_extension("ranger_step_cpu"))
-OPTIM.implement("reference", step=_reference_step)
+OPTIM.implement("cuda", step=_widening_copies(_extension("ranger_step_cuda")))
+OPTIM.implement("triton", step=_widening_copies(_triton))
+OPTIM.implement("cpu", step=_cpu)
+OPTIM.implement("reference", step=_widening_copies(_reference_step))

@@ -58,7 +58,27 @@ class _FusedRanger(Optimizer):
     def __init__(self, params, defaults: dict, backend: str | None):
         self.backend = requested("optim", backend) if backend else None
         self._plans: dict[tuple, torch.Tensor] = {}
+        self._copies: dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(params, {**defaults, "betas": tuple(defaults["betas"])})
+
+    def keep_copies(self, copies: dict) -> None:
+        """Takes {float32 parameter: its bfloat16 copy} (fer_kernels.optim.BFloat16Weights): from now on the
+        gradient of such a parameter is its copy's, and each step writes the updated parameter, rounded, into
+        the copy. The parameter stays the master: state, Lookahead and state_dict are as without copies."""
+        for param, copy in copies.items():
+            if not (param.dtype == torch.float32 and copy.dtype == torch.bfloat16 and copy.shape == param.shape
+                    and copy.stride() == param.stride() and copy.device == param.device):
+                raise ValueError(f"{self._name}.keep_copies: a copy must be bfloat16 with the shape, strides and "
+                                 f"device of its float32 parameter; got {copy.dtype} {tuple(copy.shape)} "
+                                 f"{copy.stride()} for {param.dtype} {tuple(param.shape)} {param.stride()}")
+        self._copies = dict(copies)
+        self._plans.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for copy in self._copies.values():
+            if copy.grad is not None:
+                copy.grad = None if set_to_none else copy.grad.zero_()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -68,9 +88,9 @@ class _FusedRanger(Optimizer):
             self.param_groups.pop()
             raise
 
-    def _check_param(self, param: torch.Tensor, index: int) -> None:
+    def _check_param(self, param: torch.Tensor, grad: torch.Tensor, index: int) -> None:
         where = f"{self._name}: a parameter of shape {tuple(param.shape)} in param group {index}"
-        if param.grad.is_sparse:
+        if grad.is_sparse:
             raise RuntimeError(f"{where} has a sparse gradient, which {self._name} does not support")
         if param.is_complex():
             raise RuntimeError(f"{where} is complex, which {self._name} does not support")
@@ -85,9 +105,11 @@ class _FusedRanger(Optimizer):
         found: dict[tuple, list] = {}
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if param.grad is None:
+                copy = self._copies.get(param)
+                grad = param.grad if copy is None else copy.grad
+                if grad is None:
                     continue
-                self._check_param(param, index)
+                self._check_param(param, grad, index)
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
@@ -95,12 +117,14 @@ class _FusedRanger(Optimizer):
                     state["exp_avg_sq"] = state_like(param)
                 if group["k"] and "slow_buffer" not in state:
                     state["slow_buffer"] = state_like(param, param.detach())  # before its first update
-                found.setdefault((index, param.device, param.dtype, state["step"]), []).append(param)
+                key = (index, param.device, param.dtype, state["step"], copy is not None)
+                found.setdefault(key, []).append((param, grad, copy))
         buckets = []
-        for (index, device, _, step), params in found.items():
+        for (index, device, _, step, with_copies), members in found.items():
+            params, grads, copies = (list(column) for column in zip(*members))
             group = self.param_groups[index]
             centralize = [_centralized(p, group) for p in params]
-            key = (tuple(id(p) for p in params), tuple(centralize), device)
+            key = (tuple(id(p) for p in params), tuple(centralize), device, with_copies)
             if key not in self._plans:
                 self._plans[key] = plan_rows(params, centralize, device)
             scalars = step_scalars(group, step + 1)
@@ -109,9 +133,11 @@ class _FusedRanger(Optimizer):
                                             "gc_conv_only", "k", "alpha")}
             hyper["rectifier_threshold"] = group.get("rectifier_threshold", 5.0)  # absent in older state dicts
             buckets.append(RangerBucket(
-                params=params, grads=[like(p.grad, p) for p in params], states=states,
+                params=params, states=states,
+                grads=[like(g, p if c is None else c) for g, p, c in zip(grads, params, copies)],
                 slows=[s["slow_buffer"] for s in states] if scalars["sync"] else [], plan=self._plans[key],
-                scalars=scalars, hyper={**hyper, "lr": float(group["lr"])}, step=step + 1))
+                scalars=scalars, hyper={**hyper, "lr": float(group["lr"])}, step=step + 1,
+                copies=copies if with_copies else []))
         return buckets
 
     @torch.no_grad()

@@ -110,6 +110,25 @@ def test_resume_gives_the_same_run(tmp_path):
         assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(state_b[index][k])) for k, v in entries.items())
 
 
+def test_bfloat16_weight_copies_train_as_autocast_does_and_resume_exactly(tmp_path):
+    """On the CPU under bf16 autocast the steps go through bfloat16 weight copies (train.bf16_weights): 6 steps
+    equal 6 steps with autocast rounding the float32 weights, and 3 + resume + 3, bit for bit (weights, batch-norm
+    statistics, the weights' moving average)."""
+    runs = {}
+    for name, copies, stop in (("copies", True, None), ("autocast", False, None), ("resumed", True, 3)):
+        config = lambda: _tiny_config(tmp_path / name, amp="bf16", ema=0.9, bf16_weights=copies)  # noqa: E731
+        trainer = Trainer(config(), tmp_path / name, stop_after=stop)
+        assert (type(trainer.net).__name__ == "BFloat16Weights") == copies
+        trainer.fit()
+        if stop:
+            trainer = Trainer(config(), tmp_path / name, resume=checkpoint.load(tmp_path / name / "last.pt"))
+            trainer.fit()
+        runs[name] = {**trainer.model.state_dict(), **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}}
+    for name in ("autocast", "resumed"):
+        assert runs[name].keys() == runs["copies"].keys()
+        assert all(torch.equal(runs[name][k], v) for k, v in runs["copies"].items()), name
+
+
 def test_resume_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--steps", "4", "--batch-size", "4", "--stop-after", "2", "--out", str(run), *TINY]) == 0
