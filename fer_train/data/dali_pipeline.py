@@ -323,19 +323,32 @@ class DaliPipeline(Pipeline):
     def close(self) -> None:
         """Left to DALI, the end of the process waits up to a second for each worker to leave by itself (they
         take longer: torch is loaded in them), pipeline after pipeline: 8 s at the end of a training run. A
-        SIGTERM from this process ends a worker at once (shield_worker); DALI then finds them gone."""
+        SIGTERM from this process ends a worker at once (shield_worker); DALI then finds them gone.
+
+        DALI's observer thread must see the workers end before the pipeline is dropped. Dropping it asks the
+        thread to stop; if that request is what wakes the thread, it takes the exit for a gentle one and
+        notifies the workers' task queues, waiting on a condition whose semaphore a killed worker may hold,
+        forever. That hang ended 2 of 2 training runs started side by side on 2 busy cores."""
         workers = self._workers()
         for process in workers:
             process.terminate()
         for process in workers:
             process.join(timeout=5.0)
+        observer = getattr(getattr(self._pool(), "_observer", None), "thread", None)
+        if observer is not None and all(process.exitcode is not None for process in workers):
+            observer.join(timeout=5.0)  # it leaves by itself once it sees a worker gone
         self._pipe, self._stalled = None, None
+
+    def _pool(self):
+        """DALI's process pool of the built pipeline, None when it reads in this process. DALI 2.x keeps it at
+        Pipeline._py_pool.pool, with its workers at ._processes and its observer thread at ._observer.thread
+        (not a public interface)."""
+        return getattr(getattr(self._pipe, "_py_pool", None), "pool", None)
 
     def _workers(self) -> list:
         """The worker processes (multiprocessing.Process) of the built pipeline, none when it reads in this
-        process. DALI 2.x keeps them at Pipeline._py_pool.pool._processes (not a public interface)."""
-        pool = getattr(getattr(self._pipe, "_py_pool", None), "pool", None)
-        return list(getattr(pool, "_processes", []))
+        process."""
+        return list(getattr(self._pool(), "_processes", []))
 
     def _to_torch(self, outputs):
         targets = torch.from_numpy(np.array(outputs[1].as_tensor())).to(self.device, non_blocking=True)
