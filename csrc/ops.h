@@ -146,11 +146,11 @@ enum PlanColumn : int { PLAN_TENSOR = 0, PLAN_START = 1, PLAN_LENGTH = 2, PLAN_C
 
 // Checks the tensor lists of one step: one device and dtype per role, state in the math type, dense
 // tensors laid out alike (the kernels walk them as flat buffers), and a plan of the right shape.
-// bfloat16_grads: float32 parameters whose gradients are bfloat16 (those of their bfloat16 copies).
+// copies (optional): bfloat16 copies of float32 parameters, whose gradients are then the copies' (bfloat16).
 inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& params,
                               const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
                               const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& slows,
-                              const at::Tensor& plan, bool sync, bool bfloat16_grads = false) {
+                              const at::Tensor& plan, bool sync, const std::vector<at::Tensor>& copies = {}) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, op, ": no parameters");
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n, op,
@@ -158,6 +158,9 @@ inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& par
   TORCH_CHECK(!sync || slows.size() == n, op, ": a Lookahead sync step needs one slow buffer per parameter");
   const at::Tensor& first = params[0];
   TORCH_CHECK(at::isFloatingType(first.scalar_type()), op, ": parameters must be floating point");
+  TORCH_CHECK(copies.empty() || (copies.size() == n && first.scalar_type() == at::kFloat), op,
+              ": copies are one bfloat16 copy per float32 parameter, got ", copies.size(), " for ", n, " ",
+              first.scalar_type(), " parameters");
   const at::ScalarType state_dtype = math_dtype(first.scalar_type());
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -170,7 +173,8 @@ inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& par
                   " on ", p.device(), ", got ", t.scalar_type(), " on ", t.device());
       TORCH_CHECK(same_dense_layout(t, p), op, ": ", role, " ", i, " must have the shape and strides of its parameter");
     };
-    check(grads[i], "grad", bfloat16_grads ? at::kBFloat16 : first.scalar_type());
+    check(grads[i], "grad", copies.empty() ? first.scalar_type() : at::kBFloat16);
+    if (!copies.empty()) check(copies[i], "copy", at::kBFloat16);
     check(exp_avgs[i], "exp_avg", state_dtype);
     check(exp_avg_sqs[i], "exp_avg_sq", state_dtype);
     if (sync) check(slows[i], "slow buffer", state_dtype);

@@ -75,17 +75,6 @@ struct TypeTag {
   using type = X;
 };
 
-void check_copies(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& copies) {
-  TORCH_CHECK(copies.size() == params.size(), "ranger_step_cpu: copies must have one tensor per parameter");
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].scalar_type() == at::kFloat && copies[i].scalar_type() == at::kBFloat16,
-                "ranger_step_cpu: copies are bfloat16 copies of float32 parameters, got ", copies[i].scalar_type(),
-                " for a ", params[i].scalar_type(), " parameter ", i);
-    TORCH_CHECK(copies[i].device().is_cpu() && same_dense_layout(copies[i], params[i]),
-                "ranger_step_cpu: copy ", i, " must be a CPU tensor with the shape and strides of its parameter");
-  }
-}
-
 }  // namespace
 
 void ranger_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -93,10 +82,8 @@ void ranger_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at
                      const std::vector<at::Tensor>& slows, const at::Tensor& plan, const ScalarMap& scalars,
                      const std::vector<at::Tensor>& copies) {
   const bool rectified = scalar_of(scalars, "rectified") != 0, sync = scalar_of(scalars, "sync") != 0;
-  const bool with_copies = !copies.empty();
-  check_ranger_step("ranger_step_cpu", params, grads, exp_avgs, exp_avg_sqs, slows, plan, sync, with_copies);
+  check_ranger_step("ranger_step_cpu", params, grads, exp_avgs, exp_avg_sqs, slows, plan, sync, copies);
   TORCH_CHECK(params[0].device().is_cpu(), "ranger_step_cpu: parameters must be on the CPU, got ", params[0].device());
-  if (with_copies) check_copies(params, copies);
   const int64_t segments = plan.size(0);
   const int64_t* rows = plan.const_data_ptr<int64_t>();
   // Where each segment starts in the bucket's elements: threads split the elements, not the segments,
@@ -129,7 +116,7 @@ void ranger_step_cpu(const std::vector<at::Tensor>& params, const std::vector<at
       });
     });
   };
-  if (with_copies) {
+  if (!copies.empty()) {
     run(TypeTag<float>{}, TypeTag<at::BFloat16>{}, std::true_type{});
     return;
   }

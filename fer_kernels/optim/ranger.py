@@ -124,7 +124,7 @@ class _FusedRanger(Optimizer):
             params, grads, copies = (list(column) for column in zip(*members))
             group = self.param_groups[index]
             centralize = [_centralized(p, group) for p in params]
-            key = (tuple(id(p) for p in params), tuple(centralize), device, with_copies)
+            key = (tuple(id(p) for p in params), tuple(centralize), device)
             if key not in self._plans:
                 self._plans[key] = plan_rows(params, centralize, device)
             scalars = step_scalars(group, step + 1)
