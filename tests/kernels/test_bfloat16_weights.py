@@ -31,8 +31,7 @@ def _steps(backend, with_copies, steps=8, **options):
         optimizer.keep_copies(dict(zip(params, copies)))
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        grads = [torch.randn(p.shape, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.preserve_format)
-                 for p in params]
+        grads = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in params]
         for p, c, grad in zip(params, copies, grads):
             if with_copies:
                 c.grad = torch.empty_like(c).copy_(grad)
