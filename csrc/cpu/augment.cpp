@@ -5,8 +5,9 @@
 // fer_kernels.reference.augment.
 //
 // Source positions are computed in double: for the float64 output that keeps the result at the
-// specification's precision, and for float32 it costs nothing next to the sampling. The colour math runs
-// in double for float64 output, else in float.
+// specification's precision. The colour math runs in double for float64 output, else in float. Each output
+// row is two vectorised passes, its sample positions and then the sampling and colour (grey sources
+// vectorise whole; the hue rotation of colour ones stays scalar).
 #include <ATen/Dispatch.h>
 
 #include <cmath>
@@ -29,9 +30,9 @@ inline double mirror(double x, int64_t size) {
   const double period = 2.0 * static_cast<double>(size);
   double t = x + 0.5;
   t -= std::floor(t / period) * period;
-  if (t >= static_cast<double>(size)) t = period - t;
+  t = t >= static_cast<double>(size) ? period - t : t;
   t -= 0.5;
-  if (!(t >= 0.0)) return 0.0;
+  t = t >= 0.0 ? t : 0.0;
   return std::min(t, static_cast<double>(size - 1));
 }
 
@@ -87,43 +88,70 @@ inline double grey_mean(const Source& src, bool grey) {
   return sum / (255.0 * static_cast<double>(src.h * src.w));
 }
 
-// One image; Grey: a one-channel source, whose three output channels are equal.
+// Where the output pixels of one row sample the source: the offset of the top-left pixel of each one's 2 x 2
+// neighbourhood, the steps from it to its right and lower neighbours (0 at the last column or row), and the
+// bilinear weights. A pass of its own so that it vectorises: the mirroring is a chain of selects.
+template <typename T>
+FK_CPU_CLONES void row_samples(const Source& src, const float* m, int64_t v, int64_t size, int64_t* __restrict__ at,
+                               int64_t* __restrict__ right, int64_t* __restrict__ down, T* __restrict__ fx,
+                               T* __restrict__ fy) {
+#pragma omp simd
+  for (int64_t u = 0; u < size; ++u) {
+    const double x = mirror(double(m[0]) * u + double(m[1]) * v + double(m[2]), src.w);
+    const double y = mirror(double(m[3]) * u + double(m[4]) * v + double(m[5]), src.h);
+    const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);  // x, y >= 0: truncation floors
+    fx[u] = static_cast<T>(x - static_cast<double>(x0));
+    fy[u] = static_cast<T>(y - static_cast<double>(y0));
+    at[u] = y0 * src.row_stride + x0 * src.column_stride;
+    right[u] = x0 + 1 < src.w ? src.column_stride : 0;
+    down[u] = y0 + 1 < src.h ? src.row_stride : 0;
+  }
+}
+
+// One row of one image from its samples; Grey: a one-channel source, whose three output channels are equal.
+template <bool Grey, typename scalar_t, typename T>
+FK_CPU_CLONES void augment_row(const Source& src, const int64_t* __restrict__ at, const int64_t* __restrict__ right,
+                               const int64_t* __restrict__ down, const T* __restrict__ fx, const T* __restrict__ fy,
+                               const float* colour, T centre, scalar_t* __restrict__ out, int64_t so_c, int64_t so_w,
+                               int64_t size, const T* mean, const T* inv_std) {
+  const T brightness = colour[0], contrast = colour[1], saturation = colour[2], hue = colour[3];
+#pragma omp simd
+  for (int64_t u = 0; u < size; ++u) {
+    T rgb[3];
+    for (int k = 0; k < (Grey ? 1 : 3); ++k) {
+      const uint8_t* p = src.base + at[u] + k * src.channel_stride;
+      const T p00 = p[0], p01 = p[right[u]], p10 = p[down[u]], p11 = p[down[u] + right[u]];
+      const T top = p00 + fx[u] * (p01 - p00);
+      const T bottom = p10 + fx[u] * (p11 - p10);
+      rgb[k] = clamp01(centre + contrast * (clamp01((top + fy[u] * (bottom - top)) / T(255) * brightness) - centre));
+    }
+    if constexpr (Grey) {
+      // Three equal channels stay equal through saturation, and the hue rotation of a colour without chroma
+      // gives it back: the general path's arithmetic on one value, so the same bits.
+      const T g = grey_of(rgb[0], rgb[0], rgb[0]);
+      rgb[0] = rgb[1] = rgb[2] = clamp01(g + saturation * (rgb[0] - g));
+    } else {
+      const T g = grey_of(rgb[0], rgb[1], rgb[2]);
+      for (T& c : rgb) c = clamp01(g + saturation * (c - g));
+      shift_hue(rgb[0], rgb[1], rgb[2], hue);
+    }
+    scalar_t* o = out + u * so_w;
+    for (int k = 0; k < 3; ++k) o[k * so_c] = static_cast<scalar_t>((clamp01(rgb[k]) - mean[k]) * inv_std[k]);
+  }
+}
+
 template <bool Grey, typename scalar_t, typename T>
 void augment_image(const Source& src, const float* m, const float* colour, scalar_t* out,
                    const int64_t* out_strides, int64_t size, const T* mean, const T* inv_std) {
-  const T brightness = colour[0], contrast = colour[1], saturation = colour[2], hue = colour[3];
-  const T centre = clamp01(static_cast<T>(grey_mean(src, Grey)) * brightness);
-  const int64_t so_c = out_strides[1], so_h = out_strides[2], so_w = out_strides[3];
+  const T centre = clamp01(static_cast<T>(grey_mean(src, Grey)) * static_cast<T>(colour[0]));
+  std::vector<int64_t> offsets(3 * size);
+  std::vector<T> weights(2 * size);
+  int64_t *at = offsets.data(), *right = at + size, *down = right + size;
+  T *fx = weights.data(), *fy = fx + size;
   for (int64_t v = 0; v < size; ++v) {
-    for (int64_t u = 0; u < size; ++u) {
-      const double x = mirror(double(m[0]) * u + double(m[1]) * v + double(m[2]), src.w);
-      const double y = mirror(double(m[3]) * u + double(m[4]) * v + double(m[5]), src.h);
-      const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);  // x, y >= 0: truncation floors
-      const int64_t x1 = std::min(x0 + 1, src.w - 1), y1 = std::min(y0 + 1, src.h - 1);
-      const T fx = static_cast<T>(x - static_cast<double>(x0)), fy = static_cast<T>(y - static_cast<double>(y0));
-      const uint8_t* r0 = src.base + y0 * src.row_stride;
-      const uint8_t* r1 = src.base + y1 * src.row_stride;
-      const int64_t c0 = x0 * src.column_stride, c1 = x1 * src.column_stride;
-      T rgb[3];
-      for (int k = 0; k < (Grey ? 1 : 3); ++k) {
-        const int64_t o = k * src.channel_stride;
-        const T top = T(r0[c0 + o]) + fx * (T(r0[c1 + o]) - T(r0[c0 + o]));
-        const T bottom = T(r1[c0 + o]) + fx * (T(r1[c1 + o]) - T(r1[c0 + o]));
-        rgb[k] = clamp01(centre + contrast * (clamp01((top + fy * (bottom - top)) / T(255) * brightness) - centre));
-      }
-      if constexpr (Grey) {
-        // Three equal channels stay equal through saturation, and the hue rotation of a colour without chroma
-        // gives it back: the general path's arithmetic on one value, so the same bits.
-        const T g = grey_of(rgb[0], rgb[0], rgb[0]);
-        rgb[0] = rgb[1] = rgb[2] = clamp01(g + saturation * (rgb[0] - g));
-      } else {
-        const T g = grey_of(rgb[0], rgb[1], rgb[2]);
-        for (T& c : rgb) c = clamp01(g + saturation * (c - g));
-        shift_hue(rgb[0], rgb[1], rgb[2], hue);
-      }
-      scalar_t* o = out + v * so_h + u * so_w;
-      for (int k = 0; k < 3; ++k) o[k * so_c] = static_cast<scalar_t>((clamp01(rgb[k]) - mean[k]) * inv_std[k]);
-    }
+    row_samples(src, m, v, size, at, right, down, fx, fy);
+    augment_row<Grey>(src, at, right, down, fx, fy, colour, centre, out + v * out_strides[2], out_strides[1],
+                      out_strides[3], size, mean, inv_std);
   }
 }
 
