@@ -28,6 +28,25 @@ def test_masks_are_binary_with_mean_lambda(hw):
     assert shared.shape == (h, w) and abs(shared.sum().item() - 0.3 * h * w) < 1
 
 
+
+@pytest.mark.parametrize("m", [1, 2, 7, 2304], ids=str)
+def test_one_cpu_mask_by_selection_keeps_what_the_sort_keeps(m):
+    """The one mask of a batch on the CPU is chosen by kthvalue, not the sort: the same pixels, ties (many
+    here: the values take 5 levels) in index order, for every count from none to all."""
+    from fer_train.recipe import fmix
+
+    values = torch.randint(0, 5, (1, m), generator=generator(13)).float()
+    for count in sorted({0, 1, m // 3, m // 2, m - 1, m}):
+        k = torch.tensor([float(count)], dtype=torch.float64)
+        order = values.argsort(dim=1, descending=True, stable=True)
+        want = torch.zeros(1, m).scatter_(1, order, (torch.arange(m)[None, :] < count).float())
+        got = fmix._largest(values, k, torch.float32)
+        assert got.dtype == torch.float32 and torch.equal(got, want), count
+        smooth = torch.randn(1, m, generator=generator(count))  # and without ties
+        order = smooth.argsort(dim=1, descending=True, stable=True)
+        want = torch.zeros(1, m).scatter_(1, order, (torch.arange(m)[None, :] < count).float())
+        assert torch.equal(fmix._largest(smooth, k, torch.float32), want), count
+
 def test_mask_pixel_count_rounds_up_or_down_50_50():
     h, w, draws = 10, 10, 4000
     counts = fmix_masks((h, w), torch.full((draws,), 0.255), generator=generator(6)).sum((1, 2))
