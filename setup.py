@@ -66,7 +66,7 @@ def _extension():
     with_cuda = have_cuda and cuda_mode != "0"
 
     sources = ["csrc/bindings.cpp", "csrc/cpu/batch_norm_act.cpp", "csrc/cpu/max_pool.cpp", "csrc/cpu/mish.cpp",
-               "csrc/cpu/recalibrate.cpp", "csrc/cpu/optim.cpp", "csrc/cpu/augment.cpp"]
+               "csrc/cpu/recalibrate.cpp", "csrc/cpu/optim.cpp", "csrc/cpu/augment.cpp", "csrc/cpu/fmix_mix.cpp"]
     # No -std: torch.utils.cpp_extension adds the standard the installed torch needs (C++17 or C++20).
     # -fno-math-errno: sqrt need not set errno, so loops that take one vectorise.
     # -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC will not

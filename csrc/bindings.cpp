@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("eps"), py::arg("act"));
   m.def("batch_norm_act_backward_cpu", &fk::batch_norm_act_backward_cpu, nogil, py::arg("grad"), py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("act"));
+  m.def("fmix_mix_cpu", &fk::fmix_mix_cpu, nogil, py::arg("x"), py::arg("mask"), py::arg("perm"));
   m.def("max_pool2d_forward_cpu", &fk::max_pool2d_forward_cpu, nogil, py::arg("x"), py::arg("kernel_size"),
         py::arg("stride"), py::arg("padding"));
   m.def("max_pool2d_backward_cpu", &fk::max_pool2d_backward_cpu, nogil, py::arg("grad"), py::arg("indices"),

@@ -189,6 +189,10 @@ inline void check_ranger_step(const char* op, const std::vector<at::Tensor>& par
 // (any strides, float16/bfloat16/float32/float64) is written and returned. See fer_kernels.augment.
 at::Tensor augment_cpu(const std::vector<at::Tensor>& images, const at::Tensor& matrices, const at::Tensor& colour,
                        at::Tensor out, const std::vector<double>& mean, const std::vector<double>& std);
+// FMix's mix of a dense x (N x C x H x W, NCHW or channels-last; float16/bfloat16/float32/float64/uint8) with
+// its samples perm (N int64) under mask (H x W or N x H x W, float32; float64 for float64 x). See
+// csrc/cpu/fmix_mix.cpp.
+at::Tensor fmix_mix_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& perm);
 // Training-mode batch normalisation of x (N x C x ..., NCHW or channels-last) followed by act; returns z and
 // the batch's per-channel mean and biased variance (math type). See csrc/cpu/batch_norm_act.cpp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(const at::Tensor& x,

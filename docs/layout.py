@@ -20,9 +20,9 @@ SOURCES = (".py", ".h", ".cuh", ".cpp", ".cu")
 FOLDERS = {  # folders without a Python docstring
     "csrc": "C++/CUDA: one header of math shared by host and device per op, host entry points (ops.h) and the "
             "module fer_kernels._C (bindings.cpp).",
-    "csrc/cpu": "The C++ CPU twins of Mish, the block tail, the optimizer step and the augmentation pass, and two "
-                "CPU-only kernels (training-mode batch norm fused with the activation, max pooling): vectorised, "
-                "multithreaded (FMix's mix is one multiply-add, left to PyTorch on the CPU).",
+    "csrc/cpu": "The C++ CPU twins of Mish, the block tail, the optimizer step, the augmentation pass and FMix's "
+                "mix, and two CPU-only kernels (training-mode batch norm fused with the activation, max pooling): "
+                "vectorised, multithreaded.",
     "csrc/cuda": "The CUDA kernels of Mish, the block tail and the optimizer step (augmentation and FMix's mix are "
                  "Triton only).",
 }

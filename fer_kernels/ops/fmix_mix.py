@@ -1,7 +1,7 @@
 """fer_kernels.fmix_mix: FMix's mix ``m * x + (1 - m) * x[perm]`` as one op of the registry.
 
-"triton" is one pass over the batch (NCHW or channels-last) and has no backward; "reference" is
-fer_kernels.reference.fmix_mix in eager torch. How lambda, the masks and the permutation are drawn, and
+"triton" and "cpu" (the C++ twin, csrc/cpu/fmix_mix.cpp) are one pass over the batch (NCHW or channels-last)
+and have no backward; "reference" is fer_kernels.reference.fmix_mix in eager torch. How lambda, the masks and the permutation are drawn, and
 the loss, are the training recipe's business (fer_train.recipe.fmix).
 """
 
@@ -11,7 +11,7 @@ import torch
 
 from fer_kernels import reference
 from fer_kernels._accuracy import half_to_float, math_dtype, to_float64, within_tolerance
-from fer_kernels._dispatch import Inputs, Op, requested
+from fer_kernels._dispatch import Inputs, Op, extension, requested
 from fer_kernels.ops._layout import is_channels_last
 
 __all__ = ["MIX_DTYPES", "check_mix", "fmix_mix", "mix"]
@@ -30,9 +30,17 @@ def _triton(x, mask, perm, channels_last):
     return fmix_mix_triton(x, mask, perm.to(torch.int64).contiguous(), channels_last)
 
 
+_MIX_CPU = extension("fmix_mix_cpu")
+
+
+def _cpu(x, mask, perm, channels_last):
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return _MIX_CPU(x, mask.to(math_dtype(x.dtype)).contiguous(), perm.to(torch.int64).contiguous())
+
+
 def _no_backward(inputs: Inputs) -> str | None:
     if inputs.requires_grad:
-        return "the Triton mix has no backward and x requires grad; use backend='reference' (plain autograd) or x.detach()"
+        return "the fused mix has no backward and x requires grad; use backend='reference' (plain autograd) or x.detach()"
     return None
 
 
@@ -47,6 +55,7 @@ def _verify(stage, args, out):
 
 MIX = Op("fmix_mix", verify=_verify)
 MIX.implement("triton", supports=_no_backward, mix=_triton)
+MIX.implement("cpu", supports=_no_backward, mix=_cpu)
 MIX.implement("reference", mix=_reference)
 
 
@@ -92,9 +101,9 @@ def fmix_mix(x: torch.Tensor, mask: torch.Tensor, perm: torch.Tensor, backend: s
     [0, 1]; perm: N int64 indices in [0, N), normally torch.randperm(N). Half-precision inputs compute in
     float32, uint8 rounds half up: with FMix's binary masks every output element is an exact copy of x's.
 
-    backend: None/"auto" (the Triton kernel, one pass over x, for CUDA tensors; the reference for CPU
-    tensors and for an x that requires grad: the kernel has no backward), "triton" (also on CPU tensors under
-    TRITON_INTERPRET=1) or "reference". Checking that perm's indices are in range costs one host sync on a
+    backend: None/"auto" (one pass over x: the Triton kernel for CUDA tensors, the C++ twin for CPU tensors
+    when the extension is built; the reference for an x that requires grad: the kernels have no backward),
+    "triton" (also on CPU tensors under TRITON_INTERPRET=1), "cpu" or "reference". Checking that perm's indices are in range costs one host sync on a
     GPU; fer_train's FMix calls mix() instead, its perm is a randperm.
     """
     check_mix(x, mask, perm)

@@ -27,19 +27,21 @@ SHAPES = [(3, 5, 7, 9), (1, 3, 5, 4), (4, 1, 3, 3), (5, 19, 2, 3), (2, 3, 37, 29
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_triton_mix_matches_reference(shape, per_sample, channels_last, dtype):
-    x = random_batch(shape, dtype, TRITON_DEVICE, channels_last)
-    perm = torch.randperm(shape[0], generator=generator(2)).to(TRITON_DEVICE)
-    mask = _mask(shape, per_sample, True, TRITON_DEVICE)
-    out = fmix_mix(x, mask, perm, backend="triton")
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_fused_mix_matches_reference(backend, shape, per_sample, channels_last, dtype):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = random_batch(shape, dtype, device, channels_last)
+    perm = torch.randperm(shape[0], generator=generator(2)).to(device)
+    mask = _mask(shape, per_sample, True, device)
+    out = fmix_mix(x, mask, perm, backend=backend)
     # a binary mask selects: every element is an exact copy of x's or its partner's
     assert torch.equal(out, reference.fmix_mix(x, mask, perm))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out.dtype == x.dtype and out.is_contiguous(memory_format=fmt)
 
-    soft = _mask(shape, per_sample, False, TRITON_DEVICE)
-    out = fmix_mix(x, soft, perm, backend="triton")
-    if dtype == torch.uint8:  # float32 math rounded half up, as the reference; one unit of slack for GPU FMA
+    soft = _mask(shape, per_sample, False, device)
+    out = fmix_mix(x, soft, perm, backend=backend)
+    if dtype == torch.uint8:  # float32 math rounded half up, as the reference; one unit of slack for FMA
         assert (out.int() - reference.fmix_mix(x, soft, perm).int()).abs().max() <= 1
     else:
         assert_accurate(out, reference.fmix_mix(x.double(), soft.double(), perm),
@@ -47,7 +49,7 @@ def test_triton_mix_matches_reference(shape, per_sample, channels_last, dtype):
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
-@pytest.mark.parametrize("backend", ["triton", "reference", None], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference", None], ids=str)
 def test_mix_empty_batch_and_single_sample(backend, per_sample):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     for shape in [(0, 3, 5, 4), (2, 0, 5, 4)]:
@@ -68,18 +70,27 @@ def test_mix_inputs_of_any_layout():
     bool_mask = mask > 0.5
     assert torch.equal(fmix_mix(x, mask, perm, backend="triton"), reference.fmix_mix(x, mask, perm))
     assert torch.equal(fmix_mix(x, bool_mask, perm.int(), backend="triton"), reference.fmix_mix(x, bool_mask, perm))
+    x, mask, perm, bool_mask = x.cpu(), mask.cpu(), perm.cpu(), bool_mask.cpu()
+    # a soft mask: the C++ twin may fuse a multiply-add, so within an ulp of the reference's float32 steps
+    torch.testing.assert_close(fmix_mix(x, mask, perm, backend="cpu"), reference.fmix_mix(x, mask, perm),
+                               rtol=2e-7, atol=2e-7)
+    assert torch.equal(fmix_mix(x, bool_mask, perm.int(), backend="cpu"), reference.fmix_mix(x, bool_mask, perm))
 
 
 def test_mix_auto_backend_and_gradient():
     x = torch.randn(3, 2, 4, 5, requires_grad=True)
     mask = _mask(x.shape, False, True, "cpu")
     perm = torch.tensor([1, 2, 0])
-    out = fmix_mix(x, mask, perm)  # auto: the reference on the CPU and for inputs that require grad
+    assert fer_kernels.backends()["fmix_mix"]["cpu"] == "cpu"  # auto's first choice on the CPU: the C++ twin
+    out = fmix_mix(x, mask, perm)  # auto: the reference for inputs that require grad
     out.sum().backward()
     # each element of x is read once where the mask is 1 and once, by its partner, where it is 0
     assert torch.equal(x.grad, torch.ones_like(x))
     with pytest.raises(fer_kernels.BackendUnavailableError, match="requires grad"):
         fmix_mix(x.to(TRITON_DEVICE), mask.to(TRITON_DEVICE), perm.to(TRITON_DEVICE), backend="triton")
+    with pytest.raises(fer_kernels.BackendUnavailableError, match="requires grad"):
+        fmix_mix(x, mask, perm, backend="cpu")
+    assert torch.equal(fmix_mix(x.detach(), mask, perm), out)  # auto: the C++ twin
 
 
 def test_mix_errors_name_the_argument():
