@@ -1,8 +1,8 @@
 """fer_kernels.fmix_mix: FMix's mix ``m * x + (1 - m) * x[perm]`` as one op of the registry.
 
 "triton" and "cpu" (the C++ twin, csrc/cpu/fmix_mix.cpp) are one pass over the batch (NCHW or channels-last)
-and have no backward; "reference" is fer_kernels.reference.fmix_mix in eager torch. How lambda, the masks and the permutation are drawn, and
-the loss, are the training recipe's business (fer_train.recipe.fmix).
+and have no backward; "reference" is fer_kernels.reference.fmix_mix in eager torch. How lambda, the masks and
+the permutation are drawn, and the loss, are the training recipe's business (fer_train.recipe.fmix).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def _cpu(x, mask, perm, channels_last):
 
 def _no_backward(inputs: Inputs) -> str | None:
     if inputs.requires_grad:
-        return "the fused mix has no backward and x requires grad; use backend='reference' (plain autograd) or x.detach()"
+        return ("the fused mix has no backward and x requires grad; use backend='reference' (plain autograd) or "
+                "x.detach()")
     return None
 
 
@@ -103,8 +104,9 @@ def fmix_mix(x: torch.Tensor, mask: torch.Tensor, perm: torch.Tensor, backend: s
 
     backend: None/"auto" (one pass over x: the Triton kernel for CUDA tensors, the C++ twin for CPU tensors
     when the extension is built; the reference for an x that requires grad: the kernels have no backward),
-    "triton" (also on CPU tensors under TRITON_INTERPRET=1), "cpu" or "reference". Checking that perm's indices are in range costs one host sync on a
-    GPU; fer_train's FMix calls mix() instead, its perm is a randperm.
+    "triton" (also on CPU tensors under TRITON_INTERPRET=1), "cpu" or "reference". Checking that perm's
+    indices are in range costs one host sync on a GPU; fer_train's FMix calls mix() instead, its perm is a
+    randperm.
     """
     check_mix(x, mask, perm)
     if perm.numel() and bool(((perm < 0) | (perm >= x.shape[0])).any()):

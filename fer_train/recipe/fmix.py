@@ -93,8 +93,8 @@ def fmix_masks(shape_or_hw: Sequence[int], lam, decay_power: float = 3.0, genera
     shape_or_hw: (H, W), or a batch's shape such as x.shape (the last two sizes are used). Each mask is a
     low_frequency_images() image whose top k pixels become 1 and the rest 0, with k = lam * H * W rounded
     up or down at random, 50/50, so its mean is lam to within one pixel (1 / (H * W)). Batched on the
-    device (one sort, or for the one mask of a batch on the CPU one selection), no loop over samples. device: lam's device if it is a tensor, else the
-    generator's, else the CPU.
+    device (one sort; the one mask of a batch on the CPU by a selection), no loop over samples. device:
+    lam's device if it is a tensor, else the generator's, else the CPU.
     """
     if len(shape_or_hw) < 2:
         raise ValueError(f"fmix_masks: shape_or_hw must be (H, W) or a shape ending in H, W, got {tuple(shape_or_hw)}")

@@ -1,5 +1,5 @@
-"""fer_kernels.fmix_mix, FMix's mix (docs/method.md section 5): the Triton kernel against the reference in
-every dtype and layout, empty and odd batches, auto's choice and the gradient, argument errors."""
+"""fer_kernels.fmix_mix, FMix's mix (docs/method.md section 5): the Triton kernel and the C++ twin against the
+reference in every dtype and layout, empty and odd batches, auto's choice and the gradient, argument errors."""
 
 import pytest
 import torch
