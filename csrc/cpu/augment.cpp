@@ -92,7 +92,7 @@ inline double grey_mean(const Source& src, bool grey) {
 // neighbourhood, the steps from it to its right and lower neighbours (0 at the last column or row), and the
 // bilinear weights. A pass of its own so that it vectorises: the mirroring is a chain of selects.
 template <typename T>
-FK_CPU_CLONES void row_samples(const Source& src, const float* m, int64_t v, int64_t size, int64_t* __restrict__ at,
+FK_CPU_CLONES void row_samples(const Source& src, const float* m, int64_t v, int64_t size, int64_t* __restrict__ corner,
                                int64_t* __restrict__ right, int64_t* __restrict__ down, T* __restrict__ fx,
                                T* __restrict__ fy) {
 #pragma omp simd
@@ -102,7 +102,7 @@ FK_CPU_CLONES void row_samples(const Source& src, const float* m, int64_t v, int
     const int64_t x0 = static_cast<int64_t>(x), y0 = static_cast<int64_t>(y);  // x, y >= 0: truncation floors
     fx[u] = static_cast<T>(x - static_cast<double>(x0));
     fy[u] = static_cast<T>(y - static_cast<double>(y0));
-    at[u] = y0 * src.row_stride + x0 * src.column_stride;
+    corner[u] = y0 * src.row_stride + x0 * src.column_stride;
     right[u] = x0 + 1 < src.w ? src.column_stride : 0;
     down[u] = y0 + 1 < src.h ? src.row_stride : 0;
   }
@@ -110,7 +110,7 @@ FK_CPU_CLONES void row_samples(const Source& src, const float* m, int64_t v, int
 
 // One row of one image from its samples; Grey: a one-channel source, whose three output channels are equal.
 template <bool Grey, typename scalar_t, typename T>
-FK_CPU_CLONES void augment_row(const Source& src, const int64_t* __restrict__ at, const int64_t* __restrict__ right,
+FK_CPU_CLONES void augment_row(const Source& src, const int64_t* __restrict__ corner, const int64_t* __restrict__ right,
                                const int64_t* __restrict__ down, const T* __restrict__ fx, const T* __restrict__ fy,
                                const float* colour, T centre, scalar_t* __restrict__ out, int64_t so_c, int64_t so_w,
                                int64_t size, const T* mean, const T* inv_std) {
@@ -119,7 +119,7 @@ FK_CPU_CLONES void augment_row(const Source& src, const int64_t* __restrict__ at
   for (int64_t u = 0; u < size; ++u) {
     T rgb[3];
     for (int k = 0; k < (Grey ? 1 : 3); ++k) {
-      const uint8_t* p = src.base + at[u] + k * src.channel_stride;
+      const uint8_t* p = src.base + corner[u] + k * src.channel_stride;
       const T p00 = p[0], p01 = p[right[u]], p10 = p[down[u]], p11 = p[down[u] + right[u]];
       const T top = p00 + fx[u] * (p01 - p00);
       const T bottom = p10 + fx[u] * (p11 - p10);
@@ -146,11 +146,11 @@ void augment_image(const Source& src, const float* m, const float* colour, scala
   const T centre = clamp01(static_cast<T>(grey_mean(src, Grey)) * static_cast<T>(colour[0]));
   std::vector<int64_t> offsets(3 * size);
   std::vector<T> weights(2 * size);
-  int64_t *at = offsets.data(), *right = at + size, *down = right + size;
+  int64_t *corner = offsets.data(), *right = corner + size, *down = right + size;
   T *fx = weights.data(), *fy = fx + size;
   for (int64_t v = 0; v < size; ++v) {
-    row_samples(src, m, v, size, at, right, down, fx, fy);
-    augment_row<Grey>(src, at, right, down, fx, fy, colour, centre, out + v * out_strides[2], out_strides[1],
+    row_samples(src, m, v, size, corner, right, down, fx, fy);
+    augment_row<Grey>(src, corner, right, down, fx, fy, colour, centre, out + v * out_strides[2], out_strides[1],
                       out_strides[3], size, mean, inv_std);
   }
 }

@@ -73,8 +73,8 @@ at::Tensor fmix_mix_cpu(const at::Tensor& x, const at::Tensor& mask, const at::T
       at::parallel_for(0, N * HW, std::max<int64_t>(1, cpu::GRAIN / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end;) {  // rows of one sample at a time: its partner and mask
           const int64_t n = r / HW, stop = std::min(end, (n + 1) * HW), q = r - n * HW;
-          const int64_t at = n * sample + q * C;
-          mix_rows(xp + at, xp + p[n] * sample + q * C, mp + n * mask_sample + q, op + at, stop - r, C);
+          const int64_t first = n * sample + q * C;
+          mix_rows(xp + first, xp + p[n] * sample + q * C, mp + n * mask_sample + q, op + first, stop - r, C);
           r = stop;
         }
       });
