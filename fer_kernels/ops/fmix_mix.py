@@ -23,19 +23,23 @@ def _reference(x, mask, perm, channels_last):
     return torch.empty_like(x).copy_(reference.fmix_mix(half_to_float(x), mask, perm))
 
 
+def _dense(x, mask, perm, channels_last):
+    """The arguments as the one-pass kernels read them: x dense in its layout, the mask in x's math dtype,
+    perm int64, all contiguous."""
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return x, mask.to(math_dtype(x.dtype)).contiguous(), perm.to(torch.int64).contiguous()
+
+
 def _triton(x, mask, perm, channels_last):
     from fer_kernels.triton.fmix import fmix_mix_triton
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    mask = mask.to(math_dtype(x.dtype)).contiguous()
-    return fmix_mix_triton(x, mask, perm.to(torch.int64).contiguous(), channels_last)
+    return fmix_mix_triton(*_dense(x, mask, perm, channels_last), channels_last)
 
 
 _MIX_CPU = extension("fmix_mix_cpu")
 
 
 def _cpu(x, mask, perm, channels_last):
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return _MIX_CPU(x, mask.to(math_dtype(x.dtype)).contiguous(), perm.to(torch.int64).contiguous())
+    return _MIX_CPU(*_dense(x, mask, perm, channels_last))
 
 
 def _no_backward(inputs: Inputs) -> str | None:
