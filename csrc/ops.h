@@ -34,6 +34,14 @@ inline bool is_channels_last_dense(const at::Tensor& t) {
   return t.dim() >= 3 && t.movedim(1, -1).is_contiguous();
 }
 
+// Whether x (N x C x ...), which must be dense, is stored channels-last rather than NCHW.
+inline bool dense_channels_last(const char* op, const at::Tensor& x) {
+  const bool channels_last = !x.is_contiguous() && is_channels_last_dense(x);
+  TORCH_CHECK(x.is_contiguous() || channels_last, op,
+              ": x must be contiguous in NCHW or channels-last order, got strides ", x.strides());
+  return channels_last;
+}
+
 // Checks x / gate / identity (and grad, if given) and returns the problem's shape.
 inline TailShape check_tail(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& gate,
                             const at::Tensor& identity, const at::Tensor* grad = nullptr) {
@@ -43,9 +51,7 @@ inline TailShape check_tail(const char* op, const at::Tensor& x, const std::opti
   s.N = x.size(0);
   s.C = x.size(1);
   s.HW = s.N * s.C == 0 ? 0 : x.numel() / (s.N * s.C);
-  s.channels_last = !x.is_contiguous() && is_channels_last_dense(x);
-  TORCH_CHECK(x.is_contiguous() || s.channels_last, op,
-              ": x must be contiguous in NCHW or channels-last order, got strides ", x.strides());
+  s.channels_last = dense_channels_last(op, x);
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),

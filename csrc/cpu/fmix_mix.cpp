@@ -45,9 +45,7 @@ at::Tensor fmix_mix_cpu(const at::Tensor& x, const at::Tensor& mask, const at::T
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "fmix_mix_cpu: x must be a CPU tensor N x C x H x W, got ",
               x.sizes(), " on ", x.device());
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const bool channels_last = !x.is_contiguous() && is_channels_last_dense(x);
-  TORCH_CHECK(x.is_contiguous() || channels_last, "fmix_mix_cpu: x must be dense NCHW or channels-last, got strides ",
-              x.strides());
+  const bool channels_last = dense_channels_last("fmix_mix_cpu", x);
   const auto math = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(mask.scalar_type() == math && mask.is_contiguous() && mask.device().is_cpu() &&
                   (mask.sizes() == x.sizes().slice(2) || mask.sizes() == at::IntArrayRef({N, x.size(2), x.size(3)})),
