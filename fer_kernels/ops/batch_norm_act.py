@@ -15,15 +15,18 @@ import torch
 from fer_kernels import reference
 from fer_kernels._accuracy import math_dtype
 from fer_kernels._dispatch import _C
+from fer_kernels.ops._eager import eager, eager_function
 from fer_kernels.ops._layout import is_channels_last, like
 
 __all__ = ["batch_norm_act", "fused_batch_norm_act_serves"]
 
 
-@torch.library.custom_op("fer_kernels::batch_norm_act", mutates_args=())
-def _batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                    act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+             act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_C.batch_norm_act_forward_cpu(x, weight, bias, eps, act))
+
+
+_batch_norm_act = torch.library.custom_op("fer_kernels::batch_norm_act", _forward, mutates_args=())
 
 
 @_batch_norm_act.register_fake
@@ -32,11 +35,14 @@ def _(x, weight, bias, eps, act):
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fer_kernels::batch_norm_act_backward", mutates_args=())
-def _batch_norm_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                             bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, eps: float,
-                             act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_kernel(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     mean: torch.Tensor, var: torch.Tensor, eps: float,
+                     act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_C.batch_norm_act_backward_cpu(like(grad, x), x, weight, bias, mean, var, eps, act))
+
+
+_batch_norm_act_backward = torch.library.custom_op("fer_kernels::batch_norm_act_backward", _backward_kernel,
+                                                   mutates_args=())
 
 
 @_batch_norm_act_backward.register_fake
@@ -53,16 +59,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
 
 
-def _backward(ctx, grad, _grad_mean, _grad_var):
-    x, weight, bias, mean, var = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.fer_kernels.batch_norm_act_backward(grad, x, weight, bias, mean, var, ctx.eps,
-                                                                         ctx.act)
-    dweight = None if weight is None else dweight.to(weight.dtype)
-    dbias = None if bias is None else dbias.to(bias.dtype)
-    return dx, dweight, dbias, None, None
+def _backward_with(kernel):
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        dx, dweight, dbias = kernel(grad, x, weight, bias, mean, var, ctx.eps, ctx.act)
+        dweight = None if weight is None else dweight.to(weight.dtype)
+        dbias = None if bias is None else dbias.to(bias.dtype)
+        return dx, dweight, dbias, None, None
+    return backward
 
 
-_batch_norm_act.register_autograd(_backward, setup_context=_setup_context)
+_batch_norm_act.register_autograd(_backward_with(torch.ops.fer_kernels.batch_norm_act_backward),
+                                  setup_context=_setup_context)
+_Eager = eager_function("BatchNormAct", _forward, _setup_context, _backward_with(_backward_kernel))
 
 
 def fused_batch_norm_act_serves(x: torch.Tensor) -> bool:
@@ -89,4 +98,5 @@ def batch_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         raise ValueError(f"batch_norm_act: the fused op takes a CPU tensor N x C x H x W with more than one value "
                          f"per channel, NCHW or channels-last, with the C++ extension built; got {x.device.type} "
                          f"{tuple(x.shape)} with strides {x.stride()}")
-    return torch.ops.fer_kernels.batch_norm_act(x, weight, bias, float(eps), reference.ACTIVATIONS.index(act))
+    args = (x, weight, bias, float(eps), reference.ACTIVATIONS.index(act))
+    return _Eager.apply(*args) if eager(x, weight, bias) else torch.ops.fer_kernels.batch_norm_act(*args)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import torch
 
 from fer_kernels._dispatch import _C
+from fer_kernels.ops._eager import eager, eager_function
 from fer_kernels.ops._layout import is_channels_last, window_output_size
 
 __all__ = ["max_pool2d", "fused_max_pool2d_serves"]
 
 
-@torch.library.custom_op("fer_kernels::max_pool2d", mutates_args=())
-def _max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int],
-                padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x: torch.Tensor, kernel_size: list[int], stride: list[int],
+             padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(_C.max_pool2d_forward_cpu(x, kernel_size, stride, padding))
+
+
+_max_pool2d = torch.library.custom_op("fer_kernels::max_pool2d", _forward, mutates_args=())
 
 
 @_max_pool2d.register_fake
@@ -30,11 +33,14 @@ def _(x, kernel_size, stride, padding):
     return out, torch.empty_like(out, dtype=torch.uint8)
 
 
-@torch.library.custom_op("fer_kernels::max_pool2d_backward", mutates_args=())
-def _max_pool2d_backward(grad: torch.Tensor, indices: torch.Tensor, input_size: list[int], kernel_size: list[int],
-                         stride: list[int], padding: list[int]) -> torch.Tensor:
+def _backward_kernel(grad: torch.Tensor, indices: torch.Tensor, input_size: list[int], kernel_size: list[int],
+                     stride: list[int], padding: list[int]) -> torch.Tensor:
     grad = grad.contiguous(memory_format=torch.channels_last)
     return _C.max_pool2d_backward_cpu(grad, indices, input_size, kernel_size, stride, padding)
+
+
+_max_pool2d_backward = torch.library.custom_op("fer_kernels::max_pool2d_backward", _backward_kernel,
+                                               mutates_args=())
 
 
 @_max_pool2d_backward.register_fake
@@ -50,12 +56,16 @@ def _setup_context(ctx, inputs, output):
     ctx.pool = (list(x.shape), kernel_size, stride, padding)
 
 
-def _backward(ctx, grad, _grad_indices):
-    (indices,) = ctx.saved_tensors
-    return torch.ops.fer_kernels.max_pool2d_backward(grad, indices, *ctx.pool), None, None, None
+def _backward_with(kernel):
+    def backward(ctx, grad, _grad_indices):
+        (indices,) = ctx.saved_tensors
+        return kernel(grad, indices, *ctx.pool), None, None, None
+    return backward
 
 
-_max_pool2d.register_autograd(_backward, setup_context=_setup_context)
+_max_pool2d.register_autograd(_backward_with(torch.ops.fer_kernels.max_pool2d_backward),
+                              setup_context=_setup_context)
+_Eager = eager_function("MaxPool2d", _forward, _setup_context, _backward_with(_backward_kernel))
 
 
 def fused_max_pool2d_serves(x: torch.Tensor, kernel_size, stride, padding) -> bool:
@@ -82,4 +92,5 @@ def max_pool2d(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int,
                          f"extension built, windows of at most 255 positions and padding at most half the window; "
                          f"got {x.device.type} {tuple(x.shape)} with strides {x.stride()}, kernel {kernel_size}, "
                          f"stride {stride}, padding {padding}")
-    return torch.ops.fer_kernels.max_pool2d(x, kernel_size, stride, padding)[0]
+    args = (x, kernel_size, stride, padding)
+    return (_Eager.apply(*args) if eager(x) else torch.ops.fer_kernels.max_pool2d(*args))[0]

@@ -10,6 +10,7 @@ import torch
 from fer_kernels import reference
 from fer_kernels._accuracy import half_to_float, to_float64, within_tolerance
 from fer_kernels._dispatch import Inputs, Op, extension, lazy, requested
+from fer_kernels.ops._eager import eager, eager_function
 from fer_kernels.ops._layout import check_float, dense, like
 
 
@@ -39,12 +40,14 @@ def _inputs(x: torch.Tensor) -> Inputs:
     return Inputs(x.device, x.dtype, size=(x.numel(),))
 
 
-@torch.library.custom_op("fer_kernels::mish", mutates_args=())
-def _mish(x: torch.Tensor, backend: str) -> torch.Tensor:
+def _forward(x: torch.Tensor, backend: str) -> torch.Tensor:
     x = dense(x)
     if x.numel() == 0:
         return torch.empty_like(x)
     return MISH("forward", backend, _inputs(x), x)
+
+
+_mish = torch.library.custom_op("fer_kernels::mish", _forward, mutates_args=())
 
 
 @_mish.register_fake
@@ -52,13 +55,15 @@ def _(x, backend):
     return torch.empty_like(dense(x))
 
 
-@torch.library.custom_op("fer_kernels::mish_backward", mutates_args=())
-def _mish_backward(grad: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
+def _backward_kernel(grad: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
     x = dense(x)
     grad = like(grad, x)
     if x.numel() == 0:
         return torch.empty_like(x)
     return MISH("backward", backend, _inputs(x), grad, x)
+
+
+_mish_backward = torch.library.custom_op("fer_kernels::mish_backward", _backward_kernel, mutates_args=())
 
 
 @_mish_backward.register_fake
@@ -72,12 +77,15 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return torch.ops.fer_kernels.mish_backward(grad, x, ctx.backend), None
+def _backward_with(kernel):
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return kernel(grad, x, ctx.backend), None
+    return backward
 
 
-_mish.register_autograd(_backward, setup_context=_setup_context)
+_mish.register_autograd(_backward_with(torch.ops.fer_kernels.mish_backward), setup_context=_setup_context)
+_Eager = eager_function("Mish", _forward, _setup_context, _backward_with(_backward_kernel))
 
 
 def mish(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -90,4 +98,5 @@ def mish(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     backend: None/"auto" (see fer_kernels.backends()), or one of "cuda", "triton", "cpu", "reference".
     """
     check_float(x, "fer_kernels.mish", "x")
-    return torch.ops.fer_kernels.mish(x, requested("mish", backend))
+    args = (x, requested("mish", backend))
+    return _Eager.apply(*args) if eager(x) else torch.ops.fer_kernels.mish(*args)

@@ -16,6 +16,7 @@ import torch
 from fer_kernels import reference
 from fer_kernels._accuracy import half_to_float, to_float64, within_tolerance
 from fer_kernels._dispatch import Inputs, Op, extension, lazy, requested
+from fer_kernels.ops._eager import eager, eager_function
 from fer_kernels.ops._layout import check_float, in_format, tail_format
 from fer_kernels.reference import ACTIVATIONS
 
@@ -75,14 +76,16 @@ def _inputs(x, fmt) -> Inputs:
     return Inputs(x.device, x.dtype, layout, size=(x.numel(), spatial))
 
 
-@torch.library.custom_op("fer_kernels::recalibrate", mutates_args=())
-def _recalibrate(x: torch.Tensor, gate: Optional[torch.Tensor], identity: torch.Tensor, act: str,
-                 backend: str) -> torch.Tensor:
+def _forward(x: torch.Tensor, gate: Optional[torch.Tensor], identity: torch.Tensor, act: str,
+             backend: str) -> torch.Tensor:
     fmt, (x, identity) = _tail_inputs(x, identity)
     if x.numel() == 0:
         return torch.empty_like(x)
     return RECALIBRATE("forward", backend, _inputs(x, fmt), x, gate, identity, ACTIVATIONS.index(act),
                        fmt != torch.contiguous_format)
+
+
+_recalibrate = torch.library.custom_op("fer_kernels::recalibrate", _forward, mutates_args=())
 
 
 @_recalibrate.register_fake
@@ -91,9 +94,8 @@ def _(x, gate, identity, act, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fer_kernels::recalibrate_backward", mutates_args=())
-def _recalibrate_backward(grad: torch.Tensor, x: torch.Tensor, gate: Optional[torch.Tensor], identity: torch.Tensor,
-                          act: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_kernel(grad: torch.Tensor, x: torch.Tensor, gate: Optional[torch.Tensor], identity: torch.Tensor,
+                     act: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dgate, didentity); dgate is an empty tensor when there is no gate (ops cannot return None)."""
     fmt, (x, identity, grad) = _tail_inputs(x, identity, grad)
     if x.numel() == 0:
@@ -102,6 +104,10 @@ def _recalibrate_backward(grad: torch.Tensor, x: torch.Tensor, gate: Optional[to
     dx, dgate, did = RECALIBRATE("backward", backend, _inputs(x, fmt), grad, x, gate, identity,
                                  ACTIVATIONS.index(act), fmt != torch.contiguous_format)
     return dx, (dgate if gate is not None else x.new_empty(0)), did
+
+
+_recalibrate_backward = torch.library.custom_op("fer_kernels::recalibrate_backward", _backward_kernel,
+                                                mutates_args=())
 
 
 @_recalibrate_backward.register_fake
@@ -117,13 +123,17 @@ def _setup_context(ctx, inputs, output):
     ctx.act, ctx.backend = act, backend
 
 
-def _backward(ctx, grad):
-    x, gate, identity = ctx.saved_tensors
-    dx, dgate, did = torch.ops.fer_kernels.recalibrate_backward(grad, x, gate, identity, ctx.act, ctx.backend)
-    return dx, (dgate if gate is not None else None), did, None, None
+def _backward_with(kernel):
+    def backward(ctx, grad):
+        x, gate, identity = ctx.saved_tensors
+        dx, dgate, did = kernel(grad, x, gate, identity, ctx.act, ctx.backend)
+        return dx, (dgate if gate is not None else None), did, None, None
+    return backward
 
 
-_recalibrate.register_autograd(_backward, setup_context=_setup_context)
+_recalibrate.register_autograd(_backward_with(torch.ops.fer_kernels.recalibrate_backward),
+                               setup_context=_setup_context)
+_Eager = eager_function("Recalibrate", _forward, _setup_context, _backward_with(_backward_kernel))
 
 
 def recalibrate(x: torch.Tensor, gate: torch.Tensor | None, identity: torch.Tensor, act: str = "mish",
@@ -157,4 +167,5 @@ def recalibrate(x: torch.Tensor, gate: torch.Tensor | None, identity: torch.Tens
             raise ValueError(f"{op}: gate must be on {x.device}, got {gate.device}")
     if act not in ACTIVATIONS:
         raise ValueError(f"{op}: act must be one of {ACTIVATIONS}, got {act!r}")
-    return torch.ops.fer_kernels.recalibrate(x, gate, identity, act, requested("recalibrate", backend))
+    args = (x, gate, identity, act, requested("recalibrate", backend))
+    return _Eager.apply(*args) if eager(x, gate, identity) else torch.ops.fer_kernels.recalibrate(*args)
