@@ -19,7 +19,7 @@ constexpr float MISH_LINEAR_ABOVE = 20.0f;
 
 template <typename T>
 FK_HOST_DEVICE FK_INLINE T mish_forward(T x) {
-  T e = fk_exp(x < T(MISH_LINEAR_ABOVE) ? x : T(MISH_LINEAR_ABOVE));
+  T e = fk_exp_no_overflow(x < T(MISH_LINEAR_ABOVE) ? x : T(MISH_LINEAR_ABOVE));
   T n = e * (e + T(2));
   T y = x * n / (n + T(2));
   return x > T(MISH_LINEAR_ABOVE) ? x : y;
@@ -27,7 +27,7 @@ FK_HOST_DEVICE FK_INLINE T mish_forward(T x) {
 
 template <typename T>
 FK_HOST_DEVICE FK_INLINE T mish_derivative(T x) {
-  T e = fk_exp(x < T(MISH_LINEAR_ABOVE) ? x : T(MISH_LINEAR_ABOVE));
+  T e = fk_exp_no_overflow(x < T(MISH_LINEAR_ABOVE) ? x : T(MISH_LINEAR_ABOVE));
   T n = e * (e + T(2));
   T d = n + T(2);
   T grad = (n * d + T(4) * (x * e) * (T(1) + e)) / (d * d);  // x * e first: 4 * x overflows for x near -FLT_MAX
