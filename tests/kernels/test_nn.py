@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -33,6 +34,37 @@ def test_accuracy_booster(variant, weights):
     expected = torch.sigmoid(booster.bn(booster.conv(pooled)))
     assert gate.shape == (3, 64, 1, 1)
     torch.testing.assert_close(gate, expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_accuracy_booster_plus_product_is_the_convolution(autocast, channels_last):
+    """ABP's dense 1x1 convolution of the pooled map runs as a matrix product: the gate and the gradients of x,
+    the convolution's weight and the BatchNorm are the convolution's (to bfloat16's rounding under autocast)."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    booster = AccuracyBooster(32, "plus").to(memory_format=fmt)
+    x = torch.randn(4, 32, 5, 5).contiguous(memory_format=fmt).requires_grad_()
+
+    def run(forward):
+        booster.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            gate = forward()
+        gate.float().square().sum().backward()
+        return gate, x.grad, booster.conv.weight.grad, booster.bn.weight.grad, booster.bn.bias.grad
+
+    ours = run(lambda: booster(x))
+    conv = run(lambda: torch.sigmoid(booster.bn(F.conv2d(x.mean((2, 3), keepdim=True), booster.conv.weight))))
+    assert ours[0].shape == (4, 32, 1, 1) and ours[0].dtype == conv[0].dtype
+    assert ours[2].stride() == booster.conv.weight.stride()
+    for a, b in zip(ours, conv):  # bfloat16: within 2 % of each tensor's scale (its roundings come in other orders)
+        torch.testing.assert_close(a, b, **(dict(rtol=2e-2, atol=2e-2 * b.abs().max().item()) if autocast else {}))
+    booster64 = AccuracyBooster(6, "plus").double()
+    x64 = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = booster64.conv.weight
+    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(booster64, {"conv.weight": w}, (x,)),
+                                    (x64, weight.detach().clone().requires_grad_()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
