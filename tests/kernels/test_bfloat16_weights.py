@@ -120,3 +120,16 @@ def test_bfloat16_weights_refuses_what_it_cannot_serve():
         net(torch.randn(2, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(torch.randn(2, 4)).dtype == torch.bfloat16
+
+
+def test_the_model_has_its_own_weights_back_after_a_call_even_one_that_fails():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    weights = {name: p for name, p in model.named_parameters()}
+    net = BFloat16Weights(model, Ranger(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 3, 5, 5)).sum().backward()
+        with pytest.raises(RuntimeError):
+            net(torch.randn(2, 3, 6, 6))  # the linear layer does not fit: the call fails inside the model
+    assert all(p is weights[name] for name, p in model.named_parameters())
+    assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
+    assert model[0].weight.grad is None and net.copies()["0.weight"].grad is not None  # the copy took it
