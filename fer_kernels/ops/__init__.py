@@ -1,7 +1,8 @@
 """The ops, each registered once with the backends that serve it (fer_kernels/_dispatch.py): the fused Mish and
 block tail (torch.library custom ops with autograd and fake kernels), the optimizer step, the augmentation
 pass and FMix's mix; and two CPU kernels, batch norm fused with the activation (batch_norm_act.py) and max
-pooling with one-byte indices (max_pool.py)."""
+pooling with one-byte indices (max_pool.py). Eager calls of the differentiable ones take an autograd Function over
+the same pieces (_eager.py)."""
 
 from fer_kernels.ops.augment import augment
 from fer_kernels.ops.fmix_mix import fmix_mix
