@@ -29,19 +29,24 @@ def eager(*tensors: torch.Tensor | None) -> bool:
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
-def eager_function(name: str, forward: Callable, setup_context: Callable,
-                   backward: Callable) -> type[torch.autograd.Function]:
+def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
+                   registered_backward: Callable) -> type[torch.autograd.Function]:
     """An autograd Function from a custom op's pieces: forward(*inputs) is the op's implementation,
-    setup_context(ctx, inputs, output) and backward(ctx, *grads) its autograd registration, with the backward
-    calling the backward implementation itself rather than the registered backward op.
+    setup_context(ctx, inputs, output) its autograd setup, backward(ctx, *grads) its backward formula calling the
+    backward implementation itself, and registered_backward the same formula through the registered backward op.
 
     The Function's forward takes ctx and calls setup_context itself: a Function that declares setup_context
     binds its arguments to forward's signature with inspect on every call (25 us, more than the rest of the
-    call); that form exists for functorch transforms, which take the registered op anyway (`eager`)."""
+    call); that form exists for functorch transforms, which take the registered op anyway (`eager`). A backward
+    that records a graph (create_graph=True) goes through the registered backward op, so that differentiating
+    it again raises as it does there instead of leaving the second derivative out."""
     def forward_with_context(ctx, *inputs):
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
+    def backward_of_either(ctx, *grads):
+        return (registered_backward if torch.is_grad_enabled() else backward)(ctx, *grads)
+
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_with_context),
-                                                   "backward": staticmethod(backward)})
+                                                   "backward": staticmethod(backward_of_either)})

@@ -69,9 +69,9 @@ def _backward_with(kernel):
     return backward
 
 
-_batch_norm_act.register_autograd(_backward_with(torch.ops.fer_kernels.batch_norm_act_backward),
-                                  setup_context=_setup_context)
-_Eager = eager_function("BatchNormAct", _forward, _setup_context, _backward_with(_backward_kernel))
+_backward = _backward_with(torch.ops.fer_kernels.batch_norm_act_backward)
+_batch_norm_act.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("BatchNormAct", _forward, _setup_context, _backward_with(_backward_kernel), _backward)
 
 
 def fused_batch_norm_act_serves(x: torch.Tensor) -> bool:

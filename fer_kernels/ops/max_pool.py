@@ -63,9 +63,9 @@ def _backward_with(kernel):
     return backward
 
 
-_max_pool2d.register_autograd(_backward_with(torch.ops.fer_kernels.max_pool2d_backward),
-                              setup_context=_setup_context)
-_Eager = eager_function("MaxPool2d", _forward, _setup_context, _backward_with(_backward_kernel))
+_backward = _backward_with(torch.ops.fer_kernels.max_pool2d_backward)
+_max_pool2d.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("MaxPool2d", _forward, _setup_context, _backward_with(_backward_kernel), _backward)
 
 
 def fused_max_pool2d_serves(x: torch.Tensor, kernel_size, stride, padding) -> bool:

@@ -84,8 +84,9 @@ def _backward_with(kernel):
     return backward
 
 
-_mish.register_autograd(_backward_with(torch.ops.fer_kernels.mish_backward), setup_context=_setup_context)
-_Eager = eager_function("Mish", _forward, _setup_context, _backward_with(_backward_kernel))
+_backward = _backward_with(torch.ops.fer_kernels.mish_backward)
+_mish.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("Mish", _forward, _setup_context, _backward_with(_backward_kernel), _backward)
 
 
 def mish(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -131,9 +131,9 @@ def _backward_with(kernel):
     return backward
 
 
-_recalibrate.register_autograd(_backward_with(torch.ops.fer_kernels.recalibrate_backward),
-                               setup_context=_setup_context)
-_Eager = eager_function("Recalibrate", _forward, _setup_context, _backward_with(_backward_kernel))
+_backward = _backward_with(torch.ops.fer_kernels.recalibrate_backward)
+_recalibrate.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("Recalibrate", _forward, _setup_context, _backward_with(_backward_kernel), _backward)
 
 
 def recalibrate(x: torch.Tensor, gate: torch.Tensor | None, identity: torch.Tensor, act: str = "mish",

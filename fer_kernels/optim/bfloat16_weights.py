@@ -6,10 +6,11 @@ bfloat16 in the forward pass, and its weight gradient, computed in bfloat16, is 
 optimizer: two copies of every weight at every step, which on a 2-core CPU took about 10 ms of an 85 ms step of
 ResNet-18 at 48 x 48, batch 32 (the 512-channel 3x3 weights of stage 4 alone 9 ms). Here the model runs with the
 copies in place of those weights (each layer's parameter slot holds its copy for the call, as
-torch.func.functional_call would do at 0.4 ms a call for ResNet-18, here 10 us): the passes see the same bfloat16 weights and give
-the same bfloat16 gradients as under autocast; the optimizer reads the copies' gradients, widens them exactly,
-updates the float32 weights (still the model's parameters, its state_dict, what an EMA averages) and writes
-each one rounded into its copy in the same pass (csrc/cpu/optim.cpp). Training is the same bit for bit.
+torch.func.functional_call would, at 10 us a call for ResNet-18 instead of its 0.4 ms): the passes see the same
+bfloat16 weights and give the same bfloat16 gradients as under autocast; the optimizer reads the copies'
+gradients, widens them exactly, updates the float32 weights (still the model's parameters, its state_dict, what
+an EMA averages) and writes each one rounded into its copy in the same pass (csrc/cpu/optim.cpp). Training is
+the same bit for bit.
 
 A copy whose weight changed other than by the optimizer's step (load_state_dict, an edit by hand) is rounded
 again before the next forward pass: the weight's version counter moved.
