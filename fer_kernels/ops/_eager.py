@@ -1,13 +1,14 @@
 """The differentiable ops as plain autograd Functions for eager calls, beside their torch.library custom ops.
 
 A custom op called from Python passes through several Python layers of torch.library each way (the op packet,
-the autograd wrapper, a redispatch, the backend wrapper, and the same again for the backward op): about 100 us a
-call forward and back on a small input against about 20 us for an autograd Function over the same kernels. A
-ResNet-18 step makes 36 such calls, and on 2 cores the second core waits through all of it: a 224 px CPU training
-step at batch 8 was 5 ms faster with the batch-norm and tail ops called this way (median of 30 alternating pairs
-of steps in one process). The custom ops stay the ops' definition: torch.compile, export, fake tensors, tensor
-subclasses, functorch transforms and Python dispatch modes get them (`eager` says when the Function may stand in),
-and both paths run the same Python functions, so they give the same bits.
+the autograd wrapper, a redispatch, the backend wrapper, and the same again for the backward op). Batch norm +
+Mish on a 2 x 4 x 2 x 2 input: forward 44 us through the op against 13 us through an autograd Function over the
+same kernels, forward and backward 210 against 108 us. A ResNet-18 step makes 36 such calls, and on 2 cores the
+second core waits through all of it: a 48 px CPU training step at batch 32 was 1.7 ms faster with the four ops
+called this way (median of 80 alternating pairs of steps in one process). The custom ops stay the ops'
+definition: torch.compile, export, fake tensors, tensor subclasses, functorch transforms and Python dispatch modes
+get them (`eager` says when the Function may stand in), and both paths run the same Python functions, so they
+give the same bits.
 """
 
 from __future__ import annotations
