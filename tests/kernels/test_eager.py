@@ -108,7 +108,10 @@ def test_modes_subclasses_and_compilation_get_the_registered_op():
 
 def test_a_second_derivative_raises_as_through_the_registered_op():
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    firsts = []
     for fn in (lambda t: mish(t, backend="cpu"), lambda t: torch.ops.fer_kernels.mish(t, "cpu")):
         (grad,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        firsts.append(grad.detach())
         with pytest.raises(RuntimeError, match="no autograd formula"):
             grad.sum().backward()
+    assert torch.equal(*firsts)  # the first derivative itself is the same
