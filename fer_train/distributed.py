@@ -3,6 +3,7 @@ or a single process, and the device each process trains on."""
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -49,10 +50,17 @@ def end_distributed(barrier: bool = False) -> None:
     ("terminate called without an active exception"). barrier (for ranks that all ended normally): wait for
     every rank first. A gloo worker thread drops its last collective's work after the rank has moved on, and
     one that does so while the interpreter ends aborts the process in the same way (pytorch/pytorch#190489);
-    the barrier returns only when every rank is there, long after."""
+    the barrier returns only when every rank is there, long after.
+    A DistributedDataParallel model that is no longer used but still held by a reference cycle (the Trainer is
+    in one; under torch 2.11 so is DDP itself once it has run backward) is collected first, while the group is
+    alive: left to a later collection, its reducer holds the group's last reference, and the reducer's
+    destructor then destroys the group with the GIL held, joining gloo's worker thread while that thread waits
+    for the GIL to free its last work's tensors: the process hangs (seen under torch 2.11; the group's own
+    Python object releases the GIL before destroying it)."""
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -1,6 +1,7 @@
 """Ranger under DistributedDataParallel: the step sees the averaged gradients and needs no sync of its own,
 so 2 gloo processes on half batches match 1 process on the whole batch."""
 
+import gc
 import os
 import sys
 
@@ -46,7 +47,11 @@ def _worker(rank, world, init_file, out_file):
         # Gloo's worker threads drop their last gradient all-reduce after the rank has moved on; one that does so
         # while the interpreter ends aborts the process. The barrier returns once every rank is here, long after.
         dist.barrier()
+        del model
     finally:
+        # under torch 2.11 DDP sits in a reference cycle: freed by a later collection, its reducer would destroy
+        # the group with the GIL held and could hang on gloo's worker thread; collected here, the group outlives it
+        gc.collect()
         dist.destroy_process_group()
 
 

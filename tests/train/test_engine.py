@@ -242,6 +242,33 @@ def test_the_process_group_is_ended_before_the_process(tmp_path, monkeypatch):
     assert len(barriers) == 1
 
 
+def test_a_ddp_model_left_in_a_reference_cycle_is_freed_before_the_group(tmp_path, monkeypatch):
+    """A DDP model that only a reference cycle still holds (the Trainer after fit) goes while the process group
+    lives: freed after it, its reducer would destroy the group with the GIL held and can hang the process."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from fer_train.distributed import end_distributed
+
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    holder = {"model": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))}
+    holder["self"] = holder  # a cycle: only the garbage collector frees it
+    model = weakref.ref(holder["model"])
+    del holder
+    alive_at_destroy = []
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (alive_at_destroy.append(model() is not None),
+                                                                 destroy()))
+    gc.disable()  # no automatic collection may free it first
+    try:
+        end_distributed()
+    finally:
+        gc.enable()
+    assert alive_at_destroy == [False] and not dist.is_initialized()
+
+
 def test_ddp_ranks_agree_on_the_length_a_time_budget_sets(tmp_path):
     """Each rank times its own steps; the planned length and the early stop are rank 0's on every rank, so
     no rank waits at a collective for a step the others do not take."""

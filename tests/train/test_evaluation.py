@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.io import decode_png
 
 from fer_train.data import CLASSES, build_loader, open_dataset
+from fer_train.distributed import end_distributed
 from fer_train.evaluation import EvalResult, confusion_matrix, evaluate
 from fer_train.cli import main
 from fer_train.errors import DataError
@@ -150,8 +151,9 @@ def _distributed_worker(rank, world, init_file, out_file):
         # shards must neither hang nor count an image twice
         result = evaluate(model, synthetic_loader(length=17, batch_size=4, rank=rank, world=world), "mixed val")
         torch.save(result.to_dict(), f"{out_file}.{rank}")
+        del model  # the engine's teardown frees the DDP model before the group (end_distributed says why)
     finally:
-        dist.destroy_process_group()
+        end_distributed()
 
 
 def test_evaluate_distributed_matches_single_process(tmp_path):
