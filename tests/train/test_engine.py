@@ -261,11 +261,13 @@ def test_a_ddp_model_left_in_a_reference_cycle_is_freed_before_the_group(tmp_pat
     destroy = dist.destroy_process_group
     monkeypatch.setattr(dist, "destroy_process_group", lambda: (alive_at_destroy.append(model() is not None),
                                                                  destroy()))
+    enabled = gc.isenabled()
     gc.disable()  # no automatic collection may free it first
     try:
         end_distributed()
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
     assert alive_at_destroy == [False] and not dist.is_initialized()
 
 
