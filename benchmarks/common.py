@@ -82,7 +82,9 @@ def parse_args(description: str, add_arguments: Optional[Callable[[argparse.Argu
     those `add_arguments` adds to the parser."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds); results get -quick")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke configuration (seconds for a kernel benchmark; bench_train's compiled models "
+                        "and engine settings take minutes); results get -quick")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON file (default: %(default)s)")
     if dtypes:
         p.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
